@@ -1,0 +1,37 @@
+# Quick start: `make demo` (no servers needed) and `make test` (needs PostgreSQL and Redis).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo demo-services test lint typecheck pytest clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The example on embedded defaults: SQLite, a filesystem broker, the database cache.
+# With DATABASE_URL and REDIS_URL set it runs on PostgreSQL and Redis instead.
+demo: $(STAMP)
+	$(BIN)/python manage.py migrate --verbosity 0
+	$(BIN)/python manage.py createcachetable
+	EXAMPLE_TIMELINE=1 $(BIN)/python manage.py run_demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# The whole suite on PostgreSQL + Redis, then the database-level rules again on SQLite.
+pytest: $(STAMP)
+	$(BIN)/pytest
+	TEST_DATABASE=sqlite $(BIN)/pytest -m "not services and not postgres"
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

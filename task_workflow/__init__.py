@@ -1,0 +1,6 @@
+"""task_workflow: Celery tasks that honour the state machines of the models they work on.
+
+Public API lives in :mod:`task_workflow.tasks`.
+"""
+
+__version__ = "0.1.0"

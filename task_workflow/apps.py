@@ -1,0 +1,11 @@
+"""Django app configuration for task_workflow."""
+
+from django.apps import AppConfig
+
+
+class TaskWorkflowConfig(AppConfig):
+    """Registers task_workflow with Django."""
+
+    name = "task_workflow"
+    verbose_name = "Task workflow"
+    default_auto_field = "django.db.models.BigAutoField"

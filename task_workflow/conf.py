@@ -1,0 +1,39 @@
+"""The one accessor for task_workflow settings.
+
+All settings live in a single ``TASK_WORKFLOW`` dict in Django settings; every key has
+a default here, so an empty or missing dict is a valid configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings as django_settings
+
+#: Defaults for every key of ``settings.TASK_WORKFLOW``.
+DEFAULTS: dict[str, Any] = {
+    # Django cache alias that stores throttle slots.
+    "CACHE": "default",
+    # Seconds a throttle lease lives without renewal; a dead holder frees its slot
+    # within this time.
+    "LOCK_TTL": 60,
+    # Seconds a task waits in-process for a free slot before it is re-queued.
+    "THROTTLE_WAIT": 5.0,
+    # Bounds, in seconds, of the jittered backoff used to re-queue a throttled task.
+    "THROTTLE_RETRY_BACKOFF": 1.0,
+    "THROTTLE_RETRY_BACKOFF_MAX": 30.0,
+    # Queue that receives tasks declared with ``is_heavy_task=True``.
+    "HEAVY_QUEUE": "heavy",
+}
+
+
+def get_setting(name: str) -> Any:
+    """Return ``settings.TASK_WORKFLOW[name]``, or its default when unset.
+
+    Raises ``KeyError`` for a name that is not a task_workflow setting, so a typo in
+    code fails loudly instead of silently reading ``None``.
+    """
+    if name not in DEFAULTS:
+        raise KeyError(f"{name!r} is not a TASK_WORKFLOW setting; known: {sorted(DEFAULTS)}")
+    configured = getattr(django_settings, "TASK_WORKFLOW", None) or {}
+    return configured.get(name, DEFAULTS[name])

@@ -1,0 +1,68 @@
+"""Public API: the task decorators and the ready-made error callback.
+
+from task_workflow.tasks import transition, error_transition
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_module
+from typing import Any
+
+from celery import shared_task
+from celery.canvas import Signature
+from django.apps import apps
+from django.db import models
+
+from .exceptions import (
+    EntityNotFound,
+    ImproperlyDecorated,
+    InvalidEntityUuid,
+    TaskWorkflowError,
+    TransitionNotPermitted,
+)
+from .transitions import apply_error_transition, apply_transition, check_transition_name, transition
+
+__all__ = [
+    "EntityNotFound",
+    "ImproperlyDecorated",
+    "InvalidEntityUuid",
+    "TaskWorkflowError",
+    "TransitionNotPermitted",
+    "apply_transition",
+    "error_transition",
+    "on_task_failure",
+    "transition",
+]
+
+
+@shared_task(name="task_workflow.on_task_failure")
+def on_task_failure(
+    request: Any,
+    exc: BaseException,
+    traceback: Any,
+    model_label: str,
+    entity_uuid: str,
+    transition_name: str = "set_erred",
+) -> None:
+    """Errback: move the entity to its error state with the failed task's error text.
+
+    Celery calls an errback that takes ``(request, exc, traceback)`` in the worker that
+    ran the failed task, with the live exception, so the text does not depend on the
+    result backend. Build it with :func:`error_transition`.
+    """
+    model = apps.get_model(model_label)
+    apply_error_transition(model, entity_uuid, transition_name, exc)
+
+
+def error_transition(
+    model: type[models.Model],
+    entity_uuid: uuid_module.UUID | str,
+    transition_name: str = "set_erred",
+) -> Signature:
+    """A ``link_error=`` signature that applies ``transition_name`` when a task fails::
+
+    backend_call.apply_async(args=(...), link=done.si(uuid),
+                             link_error=error_transition(Instance, uuid))
+    """
+    check_transition_name(model, transition_name)
+    return on_task_failure.s(model._meta.label, str(entity_uuid), transition_name)

@@ -1,0 +1,41 @@
+"""Models used only by the tests."""
+
+from django.db import models
+from django_fsm import transition
+
+from task_workflow.models import StateMixin, UuidMixin
+
+
+class Volume(UuidMixin, StateMixin, models.Model):
+    """A StateMixin subclass with a conditional transition and a run counter."""
+
+    size = models.PositiveIntegerField(default=1)
+    attachable = models.BooleanField(default=True)
+
+    class States(StateMixin.States):
+        ATTACHING = "attaching"
+        TRANSITIONAL = (*StateMixin.States.TRANSITIONAL, ATTACHING)
+
+    def __str__(self) -> str:
+        return f"volume {self.uuid}"
+
+    @transition(
+        field="state",
+        source=StateMixin.States.OK,
+        target=States.ATTACHING,
+        conditions=[lambda volume: volume.attachable],
+    )
+    def begin_attaching(self) -> None:
+        """ok → attaching, only when attachable."""
+
+
+class BodyRun(models.Model):
+    """One row per executed task body: lets tests count runs across processes."""
+
+    task = models.CharField(max_length=100)
+    entity_uuid = models.UUIDField()
+    state_seen = models.CharField(max_length=64)
+    created = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.task} on {self.entity_uuid}"
