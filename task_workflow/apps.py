@@ -9,3 +9,8 @@ class TaskWorkflowConfig(AppConfig):
     name = "task_workflow"
     verbose_name = "Task workflow"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from .routing import install_on_all_apps
+
+        install_on_all_apps()

@@ -17,7 +17,7 @@ class TaskWorkflowError(Exception):
     """Base class of task_workflow's own errors."""
 
 
-class InvalidEntityUuid(TaskWorkflowError, ValueError):  # noqa: N818 - reads as a verdict
+class InvalidEntityUuid(TaskWorkflowError, ValueError):
     """The value given as an entity's uuid is not a UUID; ``value`` holds it."""
 
     def __init__(self, message: str, *, value: Any = None) -> None:
@@ -25,7 +25,7 @@ class InvalidEntityUuid(TaskWorkflowError, ValueError):  # noqa: N818 - reads as
         self.value = value
 
 
-class EntityNotFound(TaskWorkflowError, ObjectDoesNotExist):  # noqa: N818
+class EntityNotFound(TaskWorkflowError, ObjectDoesNotExist):
     """No row of the model has the given uuid."""
 
     def __init__(self, message: str, *, uuid: uuid_module.UUID | None = None) -> None:
@@ -33,7 +33,7 @@ class EntityNotFound(TaskWorkflowError, ObjectDoesNotExist):  # noqa: N818
         self.uuid = uuid
 
 
-class TransitionNotPermitted(TaskWorkflowError, TransitionNotAllowed):  # noqa: N818
+class TransitionNotPermitted(TaskWorkflowError, TransitionNotAllowed):
     """The transition cannot proceed from the entity's current state.
 
     A subclass of django-fsm's ``TransitionNotAllowed``. ``uuid``, ``state`` and
@@ -55,5 +55,5 @@ class TransitionNotPermitted(TaskWorkflowError, TransitionNotAllowed):  # noqa: 
         self.transition = transition
 
 
-class ImproperlyDecorated(TaskWorkflowError, TypeError):  # noqa: N818
+class ImproperlyDecorated(TaskWorkflowError, TypeError):
     """A task decorator was applied to something it cannot work with."""

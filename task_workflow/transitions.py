@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Task
+from celery._state import get_current_task
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import models, router, transaction
 from django_fsm import TransitionNotAllowed
@@ -35,6 +36,45 @@ ModelT = TypeVar("ModelT", bound=models.Model)
 CONTROL_FLOW_EXCEPTIONS: tuple[type[BaseException], ...] = (Retry, Ignore, Reject)
 
 ENTITY_ARGUMENT = "transition_entity"
+
+#: Message header recording transitions already applied by an earlier run of the same
+#: task message. Re-queues (``self.retry()``, a busy throttle) resend the request's
+#: headers, so the re-run skips the transition instead of failing it from its target.
+APPLIED_TRANSITIONS_HEADER = "task_workflow_applied_transitions"
+
+
+def running_task() -> Task | None:
+    """The Celery task executing in this thread, or ``None`` (also when its function is
+    called directly rather than run by Celery)."""
+    task = get_current_task()
+    if task is None or task.request.called_directly:
+        return None
+    return task
+
+
+def _marker_key(model: type[models.Model], entity_uuid: uuid_module.UUID, transition_name: str) -> str:
+    return f"{model._meta.label}:{entity_uuid}:{transition_name}"
+
+
+def _applied_state(task: Task | None, marker_key: str) -> str | None:
+    """The state an earlier run of this message left the entity in, if it applied the
+    transition already."""
+    if task is None:
+        return None
+    applied = (task.request.headers or {}).get(APPLIED_TRANSITIONS_HEADER) or {}
+    state = applied.get(marker_key)
+    return state if isinstance(state, str) else None
+
+
+def _record_applied(task: Task | None, marker_key: str, state: str) -> None:
+    if task is None:
+        return
+    headers = dict(task.request.headers or {})
+    headers[APPLIED_TRANSITIONS_HEADER] = {
+        **(headers.get(APPLIED_TRANSITIONS_HEADER) or {}),
+        marker_key: state,
+    }
+    task.request.headers = headers
 
 
 def fsm_transition_names(model: type[models.Model]) -> list[str]:
@@ -110,6 +150,28 @@ def apply_transition(
                 method=getattr(entity, transition_name),
             ) from exc
         entity.save()
+    return entity
+
+
+def _load_unchanged(
+    model: type[ModelT], entity_uuid: uuid_module.UUID | str, transition_name: str, applied_state: str
+) -> ModelT:
+    """Load the entity for a re-run whose transition was applied by an earlier run; it
+    must still be in the state that run left it in."""
+    key = parse_entity_uuid(model, entity_uuid)
+    try:
+        entity = model._default_manager.get(uuid=key)
+    except model.DoesNotExist:  # type: ignore[attr-defined]
+        raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
+    state = entity.state  # type: ignore[attr-defined]
+    if state != applied_state:
+        raise TransitionNotPermitted(
+            f"{model._meta.label} {key}: transition {transition_name!r} was applied by an earlier run "
+            f"of this task (to {applied_state!r}), but the entity has since moved to {state!r}",
+            uuid=key,
+            state=state,
+            transition=transition_name,
+        )
     return entity
 
 
@@ -198,7 +260,14 @@ def transition(
                 )
             entity_uuid = args[uuid_index]
             kwargs.pop(ENTITY_ARGUMENT, None)
-            entity = apply_transition(model, entity_uuid, transition_name)
+            task = args[0] if uuid_index else running_task()
+            marker_key = _marker_key(model, parse_entity_uuid(model, entity_uuid), transition_name)
+            applied_state = _applied_state(task, marker_key)
+            if applied_state is None:
+                entity = apply_transition(model, entity_uuid, transition_name)
+                _record_applied(task, marker_key, entity.state)  # type: ignore[attr-defined]
+            else:
+                entity = _load_unchanged(model, entity_uuid, transition_name, applied_state)
             try:
                 return func(*args, **kwargs, **{ENTITY_ARGUMENT: entity})
             except CONTROL_FLOW_EXCEPTIONS:

@@ -1,0 +1,320 @@
+"""``throttle``: at most N holders per (task name, key) across every worker.
+
+As a context manager inside a running task::
+
+    with throttle(key=backend_id):          # one at a time per (task name, key)
+        ...
+
+and as a decorator under ``@shared_task``::
+
+    @shared_task()
+    @throttle(concurrency=3)
+    def dangerous(): ...
+
+A caller waits up to ``wait`` seconds for a slot (woken when one frees), then the task is
+re-queued with jittered backoff, keeping its place in its chain and without using up its
+``max_retries``. If the slot store cannot be reached the guarded code does not run: the
+task is re-queued and the error logged (fail closed).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid as uuid_module
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, TypeVar, cast
+
+from celery import Task
+from celery.exceptions import Retry
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
+from django_redis.cache import RedisCache as DjangoRedisCache
+
+from ..conf import get_setting
+from ..exceptions import ImproperlyDecorated, TaskWorkflowError
+from ..transitions import running_task
+from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
+from .cache_backend import CacheThrottleBackend
+from .lease import Lease, lease_renewer
+from .redis_backend import RedisThrottleBackend
+
+__all__ = [
+    "CacheThrottleBackend",
+    "HeldSlot",
+    "Lease",
+    "RedisThrottleBackend",
+    "SlotGroup",
+    "ThrottleBackend",
+    "ThrottleTimeout",
+    "ThrottleUnavailable",
+    "get_backend",
+    "throttle",
+]
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _FromSettings:
+    def __repr__(self) -> str:
+        return "<from TASK_WORKFLOW settings>"
+
+
+#: Default of ``wait``/``ttl``: read ``TASK_WORKFLOW`` at call time, not import time.
+FROM_SETTINGS: Final = _FromSettings()
+
+#: Message header counting throttle re-queues (drives the backoff; not ``retries``).
+THROTTLE_ATTEMPT_HEADER = "task_workflow_throttle_attempt"
+
+
+class ThrottleTimeout(TaskWorkflowError):
+    """No slot freed within ``wait`` seconds, outside a task (inside one it is re-queued)."""
+
+
+class ThrottleUnavailable(TaskWorkflowError):
+    """The slot store could not be reached, outside a task (inside one it is re-queued)."""
+
+
+_backends: dict[tuple[int, str], ThrottleBackend] = {}
+_backends_lock = threading.Lock()
+
+
+def get_backend(alias: str | None = None) -> ThrottleBackend:
+    """The throttle backend for a cache alias (default ``TASK_WORKFLOW['CACHE']``).
+
+    A django-redis cache (or Django's own Redis cache) gets the Lua fast path; any other
+    cache the generic ``cache.add`` backend.
+    """
+    alias = alias or get_setting("CACHE")
+    cache_key = (os.getpid(), alias)
+    backend = _backends.get(cache_key)
+    if backend is None:
+        with _backends_lock:
+            backend = _backends.get(cache_key) or _build_backend(alias)
+            _backends[cache_key] = backend
+    return backend
+
+
+def _build_backend(alias: str) -> ThrottleBackend:
+    cache = caches[alias]
+    key_prefix = str(cache.make_key("tw:throttle:"))
+    if isinstance(cache, DjangoRedisCache):
+        return RedisThrottleBackend(cache.client.get_client(write=True), key_prefix)
+    if isinstance(cache, BuiltinRedisCache):
+        return RedisThrottleBackend(cache._cache.get_client(None, write=True), key_prefix)
+    return CacheThrottleBackend(cache)
+
+
+def _validate_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if isinstance(key, bool) or not isinstance(key, str | int | uuid_module.UUID):
+        raise TypeError(f"throttle key must be a str, int or UUID, got {type(key).__name__}: {key!r}")
+    return str(key)
+
+
+def _validate_seconds(name: str, value: Any, *, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"throttle {name} must be a number of seconds >= 0, got {value!r}")
+
+
+def _backoff(attempt: int) -> float:
+    """Jittered exponential backoff for the ``attempt``-th re-queue (1-based)."""
+    base = float(get_setting("THROTTLE_RETRY_BACKOFF"))
+    cap = float(get_setting("THROTTLE_RETRY_BACKOFF_MAX"))
+    ceiling = min(cap, base * 2 ** min(attempt - 1, 32))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def requeue(task: Task, reason: str) -> Retry:
+    """Re-send the running task with backoff; return the ``Retry`` to raise.
+
+    Unlike ``task.retry()`` this keeps ``request.retries`` (throttling does not use up
+    ``max_retries``) while the message keeps its id, chain, callbacks and errbacks.
+    """
+    request = task.request
+    headers = dict(request.headers or {})
+    attempt = int(headers.get(THROTTLE_ATTEMPT_HEADER) or 0) + 1
+    headers[THROTTLE_ATTEMPT_HEADER] = attempt
+    countdown = _backoff(attempt)
+    signature = task.signature_from_request(
+        request, countdown=countdown, retries=request.retries, headers=headers
+    )
+    message = f"{reason}; re-queued in {countdown:.1f}s (throttle attempt {attempt})"
+    if request.is_eager:  # apply() runs the signature again itself
+        return Retry(message, when=cast(Any, countdown), is_eager=True, sig=signature)
+    signature.apply_async()
+    return Retry(message, when=cast(Any, countdown), sig=signature)
+
+
+class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``@throttle(...)``
+    """At most ``concurrency`` holders per slot group (task name, ``key``) anywhere.
+
+    Args:
+        key: str, int or UUID that narrows the group (e.g. a backend id); ``None``
+            means the task name alone.
+        concurrency: how many may hold a slot of the group at once (>= 1).
+        name: the group's name; defaults to the running task's name and is required
+            outside a task.
+        wait: seconds to wait for a slot before re-queueing the task; ``0`` re-queues at
+            once, ``None`` waits indefinitely. Default ``TASK_WORKFLOW['THROTTLE_WAIT']``.
+        ttl: lease seconds; renewed in the background while held, so a dead holder frees
+            its slot within one TTL. Default ``TASK_WORKFLOW['LOCK_TTL']``.
+        cache: cache alias; default ``TASK_WORKFLOW['CACHE']``.
+
+    The object holds configuration only: every entry and every decorated call acquires
+    its own lease, so one object may be shared across calls and threads.
+    """
+
+    def __init__(
+        self,
+        key: str | int | uuid_module.UUID | None = None,
+        concurrency: int = 1,
+        *,
+        name: str | None = None,
+        wait: float | _FromSettings | None = FROM_SETTINGS,
+        ttl: float | _FromSettings = FROM_SETTINGS,
+        cache: str | None = None,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"throttle concurrency must be an int >= 1, got {concurrency!r}")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"throttle name must be a non-empty str, got {name!r}")
+        if not isinstance(wait, _FromSettings):
+            _validate_seconds("wait", wait, allow_none=True)
+        if not isinstance(ttl, _FromSettings):
+            _validate_seconds("ttl", ttl, allow_none=False)
+            if ttl == 0:
+                raise ValueError("throttle ttl must be > 0")
+        self.key = _validate_key(key)
+        self.concurrency = concurrency
+        self.name = name
+        self.wait = wait
+        self.ttl = ttl
+        self.cache = cache
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"throttle(key={self.key!r}, concurrency={self.concurrency}, name={self.name!r})"
+
+    # Context manager ---------------------------------------------------------------
+    def __enter__(self) -> Lease:
+        lease = self.acquire()
+        self._stack().append(lease)
+        return lease
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stack().pop().release()
+
+    def _stack(self) -> list[Lease]:
+        stack: list[Lease] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    # Decorator ---------------------------------------------------------------------
+    def __call__(self, func: F) -> F:
+        if isinstance(func, Task):
+            raise ImproperlyDecorated(
+                f"@throttle must be placed under @shared_task, not above it ({func.name})"
+            )
+        if not callable(func):
+            raise ImproperlyDecorated(f"@throttle decorates a function, got {func!r}")
+
+        @functools.wraps(func)
+        def run_throttled(*args: Any, **kwargs: Any) -> Any:
+            lease = self.acquire()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                lease.release()
+
+        # Keep Celery's argument check working through the wrapper.
+        run_throttled.__signature__ = inspect.signature(func)  # type: ignore[attr-defined]
+        return run_throttled  # type: ignore[return-value]
+
+    # Acquisition -------------------------------------------------------------------
+    def acquire(self) -> Lease:
+        """Wait for a slot and return its lease (renewed until released).
+
+        Inside a task, a slot that stays busy for ``wait`` seconds or an unreachable
+        store raises Celery's ``Retry`` after re-queueing the task; outside a task they
+        raise ``ThrottleTimeout`` / ``ThrottleUnavailable``.
+        """
+        task = running_task()
+        group = SlotGroup(self._group_name(task), self.key)
+        ttl = float(get_setting("LOCK_TTL") if isinstance(self.ttl, _FromSettings) else self.ttl)
+        wait = get_setting("THROTTLE_WAIT") if isinstance(self.wait, _FromSettings) else self.wait
+        backend = get_backend(self.cache)
+        token = uuid_module.uuid4().hex
+        metadata = {
+            "task_name": group.task_name,
+            "key": group.key,
+            "concurrency": self.concurrency,
+            "task_id": task.request.id if task else None,
+            "hostname": (task.request.hostname if task else None) or socket.gethostname(),
+            "pid": os.getpid(),
+            "ttl": ttl,
+        }
+        try:
+            result = self._wait_for_slot(backend, group, token, ttl, wait, metadata)
+        except Exception as exc:
+            logger.error("Throttle %s: slot store unreachable (%s); not running unthrottled", group, exc)
+            if task is None:
+                raise ThrottleUnavailable(f"throttle {group}: slot store unreachable: {exc}") from exc
+            raise requeue(task, f"throttle {group}: slot store unreachable") from exc
+        if not result.acquired:
+            if task is None:
+                raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
+            raise requeue(task, f"throttle {group}: all {self.concurrency} slots busy")
+        lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
+        lease_renewer.add(lease)
+        return lease
+
+    def _group_name(self, task: Task | None) -> str:
+        if self.name is not None:
+            return self.name
+        if task is None:
+            raise ImproperlyDecorated(
+                "throttle() outside a running Celery task needs name= to identify its slot group"
+            )
+        return str(task.name)
+
+    def _wait_for_slot(
+        self,
+        backend: ThrottleBackend,
+        group: SlotGroup,
+        token: str,
+        ttl: float,
+        wait: float | None,
+        metadata: dict[str, Any],
+    ) -> AcquireResult:
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            metadata["acquired_at"] = time.time()
+            result = backend.acquire(group, token, self.concurrency, ttl, metadata)
+            if result.acquired:
+                return result
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return result
+            # Sleep until woken by a release, the earliest lease may expire, or the wait
+            # ends; a short cap keeps blocking calls under any client socket timeout.
+            timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
+            backend.wait_for_release(group, max(timeout, 0.001))

@@ -1,0 +1,103 @@
+"""The throttle backend interface: N leased slots per slot group.
+
+A backend stores, per slot group, at most ``concurrency`` holders. Each holder is an
+owner token with a lease deadline; a holder that stops renewing loses its slot when the
+lease runs out. Backends never count with read-modify-write: acquiring a slot is one
+atomic operation of the store.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SlotGroup:
+    """Holders that share one limit: a task name and an optional key.
+
+    ``digest`` names the group in the store, so long or odd keys are safe; ``key`` keeps
+    the original form for display.
+    """
+
+    task_name: str
+    key: str | None = None
+
+    @property
+    def digest(self) -> str:
+        raw = self.task_name if self.key is None else f"{self.task_name}\x00{self.key}"
+        return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+
+    def __str__(self) -> str:
+        return self.task_name if self.key is None else f"{self.task_name}[{self.key}]"
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """Outcome of one acquire attempt.
+
+    ``retry_after`` is a hint, in seconds, after which the earliest current lease runs
+    out (a waiter need not wait longer for an expiry); ``None`` when unknown.
+    """
+
+    acquired: bool
+    retry_after: float | None = None
+    #: Which slot was taken, for backends with numbered slots (passed back on release).
+    slot: str = ""
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """One held slot, as operators see it."""
+
+    group: SlotGroup
+    token: str
+    slot: str
+    concurrency: int
+    task_id: str | None
+    hostname: str | None
+    pid: int | None
+    acquired_at: float | None
+    lease_deadline: float
+    now: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expired(self) -> bool:
+        """The lease is past its deadline (its holder stopped renewing)."""
+        return self.lease_deadline <= self.now
+
+
+class ThrottleBackend(abc.ABC):
+    """Where slots live. One instance per cache alias, shared by the whole process."""
+
+    #: Whether :meth:`wait_for_release` is woken by releases (else it sleeps a while).
+    wakes_waiters: bool = False
+
+    @abc.abstractmethod
+    def acquire(
+        self, group: SlotGroup, token: str, concurrency: int, ttl: float, metadata: dict[str, Any]
+    ) -> AcquireResult:
+        """Take a slot for ``token`` if fewer than ``concurrency`` live leases exist."""
+
+    @abc.abstractmethod
+    def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
+        """Remove ``token``'s slot if it still holds one and wake a waiter.
+
+        Returns whether a slot was removed; a late release (after expiry or a force
+        release) removes nothing and is harmless.
+        """
+
+    @abc.abstractmethod
+    def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
+        """Push ``token``'s lease deadline to now + ``ttl``; ``False`` if the slot is lost."""
+
+    @abc.abstractmethod
+    def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
+        """Block until a slot of ``group`` may have been freed, or ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    def held_slots(self) -> list[HeldSlot]:
+        """Every slot currently recorded in the store (expired leases included)."""

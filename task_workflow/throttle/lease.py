@@ -1,0 +1,111 @@
+"""Leases held by this process, and the background thread that renews them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .base import SlotGroup, ThrottleBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Lease:
+    """A held slot. ``lost`` turns true if a renewal finds the slot gone (expired or
+    force-released); the holder keeps running, so long bodies may check it."""
+
+    backend: ThrottleBackend
+    group: SlotGroup
+    token: str
+    slot: str
+    ttl: float
+    lost: bool = False
+    released: bool = field(default=False, repr=False)
+
+    def release(self) -> bool:
+        """Give the slot back (once); ``False`` if it was no longer ours."""
+        if self.released:
+            return False
+        self.released = True
+        lease_renewer.discard(self)
+        return self.backend.release(self.group, self.token, self.slot)
+
+
+class LeaseRenewer:
+    """One daemon thread per process renews every held lease about every ``ttl / 3``.
+
+    Started lazily, and again in a forked child (prefork workers), since threads do not
+    survive ``fork``.
+    """
+
+    #: Fraction of the TTL between renewals: two renewals may fail before the lease ends.
+    RENEW_FRACTION = 1 / 3
+
+    def __init__(self) -> None:
+        self._due: dict[Lease, float] = {}
+        self._condition = threading.Condition()
+        self._pid: int | None = None
+
+    def add(self, lease: Lease) -> None:
+        with self._condition:
+            if self._pid != os.getpid():
+                self._due.clear()  # leases inherited through fork belong to the parent
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="task-workflow-lease-renewer", daemon=True).start()
+            self._due[lease] = time.monotonic() + lease.ttl * self.RENEW_FRACTION
+            self._condition.notify()
+
+    def discard(self, lease: Lease) -> None:
+        with self._condition:
+            self._due.pop(lease, None)
+
+    def held(self) -> list[Lease]:
+        """Leases this process holds now (for diagnostics and tests)."""
+        with self._condition:
+            return list(self._due)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                now = time.monotonic()
+                due = [lease for lease, at in self._due.items() if at <= now]
+                if not due:
+                    next_at = min(self._due.values(), default=None)
+                    self._condition.wait(None if next_at is None else next_at - now)
+                    continue
+            for lease in due:
+                self._renew(lease)
+
+    def _renew(self, lease: Lease) -> None:
+        try:
+            renewed = lease.backend.renew(lease.group, lease.token, lease.slot, lease.ttl)
+        except Exception:
+            # The store is unreachable: try again soon; the lease may still be saved.
+            logger.warning("Could not renew throttle lease of %s; retrying", lease.group, exc_info=True)
+            self._reschedule(lease, lease.ttl / 10)
+            return
+        if renewed:
+            self._reschedule(lease, lease.ttl * self.RENEW_FRACTION)
+            return
+        if lease.released:  # released while this renewal was on its way
+            return
+        lease.lost = True
+        self.discard(lease)
+        logger.error(
+            "Throttle slot of %s was lost (lease expired or force-released) while its holder "
+            "still runs; the limit may be exceeded until it finishes",
+            lease.group,
+        )
+
+    def _reschedule(self, lease: Lease, delay: float) -> None:
+        with self._condition:
+            if lease in self._due:
+                self._due[lease] = time.monotonic() + delay
+
+
+#: The process-wide renewer.
+lease_renewer = LeaseRenewer()

@@ -1,0 +1,162 @@
+"""Redis backend: a sorted set of leases per slot group, driven by Lua scripts.
+
+Per group (one Redis Cluster hash tag, so all keys land on one shard):
+
+- ``…:{digest}:holders`` sorted set, member = owner token, score = lease deadline in
+  milliseconds of the *server's* clock (``redis.call('TIME')``);
+- ``…:{digest}:meta`` hash, token → JSON metadata for operators;
+- ``…:{digest}:wake`` list that releases push to and waiters ``BLPOP``.
+
+Acquire and release are one round trip each (``EVALSHA``). Keys expire on their own
+when nobody renews, so a crashed fleet leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from redis import Redis
+
+from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
+
+# KEYS: holders, meta. ARGV: token, concurrency, ttl_ms, metadata JSON.
+# Returns {1, 0} when acquired, else {0, ms until the earliest lease runs out}.
+ACQUIRE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  redis.call('HDEL', KEYS[2], unpack(expired))
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(first[2]) - now}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return {1, 0}
+"""
+
+# KEYS: holders, meta, wake. ARGV: token. Returns 1 when the token held a slot.
+RELEASE_SCRIPT = """
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if removed == 1 then
+  redis.call('RPUSH', KEYS[3], '1')
+  -- Pushes pile up only while nobody waits; a few are enough to wake the next waiters.
+  redis.call('LTRIM', KEYS[3], -16, -1)
+  redis.call('PEXPIRE', KEYS[3], 60000)
+end
+return removed
+"""
+
+# KEYS: holders, meta. ARGV: token, ttl_ms. Returns 1 when renewed, 0 when the slot is lost.
+RENEW_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not deadline then
+  return 0
+end
+if tonumber(deadline) <= now then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+HOLDERS_SUFFIX = ":holders"
+
+
+class RedisThrottleBackend(ThrottleBackend):
+    """Slots in Redis, reached through the raw client of a django-redis cache."""
+
+    wakes_waiters = True
+
+    def __init__(self, client: Redis, key_prefix: str) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self._acquire = client.register_script(ACQUIRE_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
+        self._renew = client.register_script(RENEW_SCRIPT)
+
+    def _keys(self, group: SlotGroup) -> tuple[str, str, str]:
+        base = f"{self.key_prefix}{{{group.digest}}}"
+        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:wake"
+
+    def acquire(
+        self, group: SlotGroup, token: str, concurrency: int, ttl: float, metadata: dict[str, Any]
+    ) -> AcquireResult:
+        holders, meta, _ = self._keys(group)
+        acquired, wait_ms = self._acquire(
+            keys=[holders, meta],
+            args=[token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata)],
+        )
+        return AcquireResult(bool(acquired), None if acquired else max(int(wait_ms), 0) / 1000)
+
+    def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
+        return bool(self._release(keys=list(self._keys(group)), args=[token]))
+
+    def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
+        holders, meta, _ = self._keys(group)
+        return bool(self._renew(keys=[holders, meta], args=[token, math.ceil(ttl * 1000)]))
+
+    def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
+        # BLPOP takes fractional seconds; 0 would block forever, so keep a floor.
+        self.client.blpop([self._keys(group)[2]], timeout=max(timeout, 0.001))
+
+    def _holder_keys(self) -> Iterator[str]:
+        pattern = f"{self.key_prefix}{{*}}{HOLDERS_SUFFIX}"
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            yield key.decode() if isinstance(key, bytes) else key
+
+    def held_slots(self) -> list[HeldSlot]:
+        seconds, micros = self.client.time()
+        now = seconds + micros / 1_000_000
+        slots: list[HeldSlot] = []
+        for holders_key in self._holder_keys():
+            meta_key = holders_key[: -len(HOLDERS_SUFFIX)] + ":meta"
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrange(holders_key, 0, -1, withscores=True)
+            pipe.hgetall(meta_key)
+            leases, metas = pipe.execute()
+            for raw_token, deadline_ms in leases:
+                token = raw_token.decode()
+                raw_meta = metas.get(raw_token)
+                meta = json.loads(raw_meta) if raw_meta else {}
+                slots.append(held_slot_from_metadata(token, token[:8], meta, deadline_ms / 1000, now))
+        return slots
+
+
+def held_slot_from_metadata(
+    token: str, slot: str, meta: dict[str, Any], lease_deadline: float, now: float
+) -> HeldSlot:
+    """Build a :class:`HeldSlot` from the metadata dict a throttle stores at acquire."""
+    return HeldSlot(
+        group=SlotGroup(meta.get("task_name", "?"), meta.get("key")),
+        token=token,
+        slot=slot,
+        concurrency=int(meta.get("concurrency", 0)),
+        task_id=meta.get("task_id"),
+        hostname=meta.get("hostname"),
+        pid=meta.get("pid"),
+        acquired_at=meta.get("acquired_at"),
+        lease_deadline=lease_deadline,
+        now=now,
+    )
