@@ -121,6 +121,7 @@ else:
         "data_folder_in": str(BROKER_DIR),
         "data_folder_out": str(BROKER_DIR),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "polling_interval": 0.05,
     }
     CELERY_RESULT_BACKEND = f"file://{VAR_DIR / 'results'}"
 
@@ -134,6 +135,9 @@ TASK_WORKFLOW = {
     "CACHE": "default",
     "LOCK_TTL": 30,
 }
+
+# Seconds the example's throttled "slow" task works.
+EXAMPLE_SLOW_SECONDS = float(os.environ.get("EXAMPLE_SLOW_SECONDS", "1.0"))
 
 # Seconds the simulated cloud backend takes per call.
 EXAMPLE_BACKEND_DELAY = float(os.environ.get("EXAMPLE_BACKEND_DELAY", "0.5"))

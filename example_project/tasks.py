@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from celery import shared_task
+import time
 
-from task_workflow.tasks import error_transition, transition
+from celery import chain, shared_task
+from django.conf import settings
+
+from task_workflow.tasks import error_transition, throttle, transition
 
 from . import backend
 from .models import Instance
@@ -51,3 +54,47 @@ def start_instance(instance_uuid: str, transition_entity: Instance | None = None
 @transition(Instance, "set_online")
 def start_instance_succeeded(instance_uuid: str, transition_entity: Instance | None = None) -> None:
     """starting → online."""
+
+
+# The design note's second example: throttle and route heavy tasks.
+
+#: Every entity of this example lives on one cloud region: the key that serialises calls.
+REGION = "region-1"
+
+
+def key_by_uuid(uuid: object) -> str:
+    """The throttle key of an entity: the backend region it lives on."""
+    return REGION
+
+
+@shared_task(name="example.demo")
+def demo(uuid: int = 0) -> None:
+    """This whole task will be partially throttled by its "slow/dangerous" part."""
+    chain(
+        slow.si(uuid),
+        fast.si(uuid),
+        dangerous.si(uuid),
+    )()
+
+
+# Place task into a separate queue for heavy tasks
+@shared_task(name="example.slow", is_heavy_task=True)
+def slow(uuid: int = 0) -> None:
+    # Run only one task at a time
+    # It will be throttled based on task name and key pair
+    throttle_key = key_by_uuid(uuid)
+    with throttle(key=throttle_key):
+        print(f"** Start {uuid}")
+        time.sleep(settings.EXAMPLE_SLOW_SECONDS)
+        print(f"** End {uuid}")
+
+
+@shared_task(name="example.dangerous")
+@throttle(concurrency=3)
+def dangerous(uuid: int = 0) -> None:
+    print(f"** Dangerous {uuid}")
+
+
+@shared_task(name="example.fast")
+def fast(uuid: int) -> None:
+    print(f"** Fast {uuid}")

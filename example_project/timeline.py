@@ -17,6 +17,8 @@ from celery import signals
 from django.conf import settings
 from django_fsm.signals import post_transition
 
+from task_workflow.signals import slot_acquired, slot_released
+
 
 def timeline_path() -> Path:
     return Path(settings.VAR_DIR) / "timeline.jsonl"
@@ -41,11 +43,16 @@ def _short_args(args: Any) -> str:
 
 
 def _on_prerun(task_id: str, task: Any, args: Any = None, **_: Any) -> None:
-    record("start", task=task.name, args=_short_args(args), host=socket.gethostname())
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    record("start", task=task.name, args=_short_args(args), host=socket.gethostname(), queue=queue)
 
 
 def _on_postrun(task_id: str, task: Any, state: str | None = None, **_: Any) -> None:
     record("end", task=task.name, state=state)
+
+
+def _on_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
+    record("retry", task=getattr(sender, "name", "?"), reason=str(reason))
 
 
 def _on_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
@@ -56,9 +63,20 @@ def _on_transition(sender: Any, instance: Any, name: str, source: str, target: s
     record("transition", entity=str(instance), transition=name, source=source, target=target)
 
 
+def _on_slot_acquired(sender: Any, lease: Any, **_: Any) -> None:
+    record("slot", action="acquired", group=str(sender))
+
+
+def _on_slot_released(sender: Any, lease: Any, **_: Any) -> None:
+    record("slot", action="released", group=str(sender))
+
+
 def connect() -> None:
     """Record events from this process (called by the example app's ``ready()``)."""
     signals.task_prerun.connect(_on_prerun, weak=False)
     signals.task_postrun.connect(_on_postrun, weak=False)
     signals.task_failure.connect(_on_failure, weak=False)
+    signals.task_retry.connect(_on_retry, weak=False)
     post_transition.connect(_on_transition, weak=False)
+    slot_acquired.connect(_on_slot_acquired, weak=False)
+    slot_released.connect(_on_slot_released, weak=False)

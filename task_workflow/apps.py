@@ -11,6 +11,7 @@ class TaskWorkflowConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the system checks
         from .routing import install_on_all_apps
 
         install_on_all_apps()

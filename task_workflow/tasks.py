@@ -20,6 +20,7 @@ from .exceptions import (
     TaskWorkflowError,
     TransitionNotPermitted,
 )
+from .throttle import ThrottleTimeout, ThrottleUnavailable, throttle
 from .transitions import apply_error_transition, apply_transition, check_transition_name, transition
 
 __all__ = [
@@ -27,10 +28,13 @@ __all__ = [
     "ImproperlyDecorated",
     "InvalidEntityUuid",
     "TaskWorkflowError",
+    "ThrottleTimeout",
+    "ThrottleUnavailable",
     "TransitionNotPermitted",
     "apply_transition",
     "error_transition",
     "on_task_failure",
+    "throttle",
     "transition",
 ]
 

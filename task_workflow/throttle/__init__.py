@@ -40,6 +40,7 @@ from django_redis.cache import RedisCache as DjangoRedisCache
 
 from ..conf import get_setting
 from ..exceptions import ImproperlyDecorated, TaskWorkflowError
+from ..signals import slot_acquired
 from ..transitions import running_task
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 from .cache_backend import CacheThrottleBackend
@@ -285,6 +286,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             raise requeue(task, f"throttle {group}: all {self.concurrency} slots busy")
         lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
         lease_renewer.add(lease)
+        slot_acquired.send(sender=group, lease=lease)
         return lease
 
     def _group_name(self, task: Task | None) -> str:

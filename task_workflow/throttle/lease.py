@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..signals import slot_released
 from .base import SlotGroup, ThrottleBackend
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,9 @@ class Lease:
             return False
         self.released = True
         lease_renewer.discard(self)
-        return self.backend.release(self.group, self.token, self.slot)
+        released = self.backend.release(self.group, self.token, self.slot)
+        slot_released.send(sender=self.group, lease=self)
+        return released
 
 
 class LeaseRenewer:

@@ -19,7 +19,8 @@ from django.core.management.base import BaseCommand, CommandError
 from example_project import timeline
 from example_project.backend import FAILING_PREFIX
 from example_project.models import Instance
-from example_project.tasks import start_instance, stop_instance
+from example_project.tasks import demo, start_instance, stop_instance
+from task_workflow.conf import get_setting
 
 States = Instance.States
 
@@ -40,13 +41,20 @@ class Command(BaseCommand):
             f"database: {db['ENGINE'].rsplit('.', 1)[-1]}  broker: {settings.CELERY_BROKER_URL.split('://')[0]}"
             f"  cache: {settings.CACHES['default']['BACKEND'].rsplit('.', 1)[-1]}"
         )
-        worker = self._start_worker(options["workers"])
+        workers = [
+            self._start_worker("default", "celery", options["workers"]),
+            self._start_worker("heavy", get_setting("HEAVY_QUEUE"), options["workers"]),
+        ]
         try:
             instances = self._run_story()
+            self._run_throttle_story()
             self._wait(instances, options["timeout"])
+            self._wait_for_throttle_story(options["timeout"])
         finally:
-            self._stop_worker(worker)
+            for worker in workers:
+                self._stop_worker(worker)
         self._print_timeline()
+        self._print_slot_holds()
         self._print_outcome(instances)
 
     def _reset(self) -> None:
@@ -57,15 +65,18 @@ class Command(BaseCommand):
             shutil.rmtree(broker_dir, ignore_errors=True)
             (broker_dir / "processed").mkdir(parents=True, exist_ok=True)
 
-    def _start_worker(self, concurrency: int) -> subprocess.Popen[bytes]:
+    def _start_worker(self, name: str, queue: str, concurrency: int) -> subprocess.Popen[bytes]:
         command = [
             sys.executable, "-m", "celery", "-A", "example_project", "worker",
-            "--concurrency", str(concurrency), "--loglevel", "WARNING",
-            "--hostname", f"demo-{uuid.uuid4().hex[:6]}@%h",
+            "--queues", queue, "--concurrency", str(concurrency), "--loglevel", "INFO",
+            "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
-        self.stdout.write(f"starting worker: celery -A example_project worker --concurrency {concurrency}")
-        log_path = settings.VAR_DIR / "demo-worker.log"
+        log_path = settings.VAR_DIR / f"demo-worker-{name}.log"
+        self.stdout.write(
+            f"starting worker: celery -A example_project worker -Q {queue} --concurrency {concurrency}"
+            f"  (log: {log_path.relative_to(settings.BASE_DIR)})"
+        )
         self.stdout.write(f"worker log: {log_path}")
         with log_path.open("wb") as log:
             return subprocess.Popen(
@@ -105,6 +116,26 @@ class Command(BaseCommand):
             vm4: {States.ONLINE, States.ERRED},
         }
 
+    def _run_throttle_story(self) -> None:
+        self.stdout.write("sending: demo(10), demo(20): chains slow -> fast -> dangerous; slow is heavy")
+        self.stdout.write("         and throttled per region, so the two slow parts run one after another")
+        demo.delay(10)
+        demo.delay(20)
+
+    def _wait_for_throttle_story(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            ended = [
+                e
+                for e in timeline.read_timeline()
+                if e["event"] == "end" and e["task"] == "example.dangerous"
+            ]
+            if len(ended) >= 2:
+                return
+            if time.monotonic() > deadline:
+                raise CommandError(f"the throttle demo did not finish in {timeout:.0f}s")
+            time.sleep(0.1)
+
     def _wait(self, endings: dict[Instance, set[str]], timeout: float) -> None:
         # A demo may poll; the tests wait on worker events instead.
         deadline = time.monotonic() + timeout
@@ -128,15 +159,43 @@ class Command(BaseCommand):
                 f"  {event['t'] - origin:7.3f}s  pid {event['pid']:>6}  {self._describe(event)}"
             )
 
+    def _print_slot_holds(self) -> None:
+        """Each slot group's holds as intervals, and the most held at once."""
+        events = timeline.read_timeline()
+        if not events:
+            return
+        origin = events[0]["t"]
+        holds: dict[str, list[tuple[float, float, int]]] = {}
+        opened: dict[tuple[str, int], float] = {}
+        for event in events:
+            if event["event"] != "slot":
+                continue
+            key = (event["group"], event["pid"])
+            if event["action"] == "acquired":
+                opened[key] = event["t"] - origin
+            elif key in opened:
+                holds.setdefault(event["group"], []).append(
+                    (opened.pop(key), event["t"] - origin, event["pid"])
+                )
+        self.stdout.write("\nthrottled sections (slot group: held from-to by pid; most holders at once)")
+        for group, intervals in holds.items():
+            spans = ", ".join(f"{start:.3f}-{end:.3f}s pid {pid}" for start, end, pid in intervals)
+            most = max(sum(1 for s, e, _ in intervals if s <= start < e) for start, _, _ in intervals)
+            self.stdout.write(f"  {group}: {spans}; at most {most} at once")
+
     @staticmethod
     def _describe(event: dict[str, Any]) -> str:
         kind = event["event"]
         if kind == "transition":
             return f"    {event['entity']}: {event['source']} --{event['transition']}--> {event['target']}"
         if kind == "start":
-            return f"▶ {event['task']}({event['args']})"
+            return f"▶ {event['task']}({event['args']})  [queue {event.get('queue')}]"
         if kind == "end":
             return f"■ {event['task']} {event['state']}"
+        if kind == "slot":
+            return f"    slot {event['action']}: {event['group']}"
+        if kind == "retry":
+            return f"↻ {event['task']} re-queued: {event['reason']}"
         if kind == "failed":
             return f"✗ {event['task']}: {event['error']}"
         return str(event)

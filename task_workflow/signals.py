@@ -1,0 +1,11 @@
+"""Signals sent by task_workflow (for metrics, logs, timelines).
+
+``slot_acquired`` and ``slot_released`` are sent with ``sender`` = the
+:class:`~task_workflow.throttle.SlotGroup` and ``lease`` = the
+:class:`~task_workflow.throttle.Lease`, in the process that holds the slot.
+"""
+
+from django.dispatch import Signal
+
+slot_acquired = Signal()
+slot_released = Signal()
