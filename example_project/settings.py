@@ -121,6 +121,7 @@ else:
         "data_folder_in": str(BROKER_DIR),
         "data_folder_out": str(BROKER_DIR),
         "processed_folder": str(BROKER_DIR / "processed"),
+        "control_folder": str(BROKER_DIR / "control"),
         "polling_interval": 0.05,
     }
     CELERY_RESULT_BACKEND = f"file://{VAR_DIR / 'results'}"
