@@ -33,7 +33,15 @@ class Lease:
             return False
         self.released = True
         lease_renewer.discard(self)
-        released = self.backend.release(self.group, self.token, self.slot)
+        try:
+            released = self.backend.release(self.group, self.token, self.slot)
+        except Exception:
+            # The guarded work is done; failing the task now would lose its result. The
+            # slot is no longer renewed, so it frees itself within one TTL.
+            logger.exception(
+                "Could not release throttle slot of %s; it expires within %ss", self.group, self.ttl
+            )
+            return False
         slot_released.send(sender=self.group, lease=self)
         return released
 
