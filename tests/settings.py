@@ -15,3 +15,19 @@ from example_project.settings import *  # noqa: F403
 
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.testapp"]  # noqa: F405
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Throttle slots in their own Redis (a test stops and restarts it mid-run) when asked.
+if os.environ.get("THROTTLE_REDIS_URL"):
+    CACHES["locks"] = {  # noqa: F405
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": os.environ["THROTTLE_REDIS_URL"],
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 1, "SOCKET_TIMEOUT": 2},
+    }
+    TASK_WORKFLOW = {**TASK_WORKFLOW, "CACHE": "locks"}  # noqa: F405
+# The generic backend on the database cache, for the same semantic tests.
+if os.environ.get("THROTTLE_CACHE") == "database":
+    CACHES["locks"] = {  # noqa: F405
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "task_workflow_test_locks",
+    }
+    TASK_WORKFLOW = {**TASK_WORKFLOW, "CACHE": "locks"}  # noqa: F405
