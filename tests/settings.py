@@ -30,4 +30,4 @@ if os.environ.get("THROTTLE_CACHE") == "database":
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
         "LOCATION": "task_workflow_test_locks",
     }
-    TASK_WORKFLOW = {**TASK_WORKFLOW, "CACHE": "locks"}  # noqa: F405
+    TASK_WORKFLOW = {**TASK_WORKFLOW, "CACHE": "locks"}
