@@ -43,13 +43,25 @@ ENTITY_ARGUMENT = "transition_entity"
 APPLIED_TRANSITIONS_HEADER = "task_workflow_applied_transitions"
 
 
-def running_task() -> Task | None:
-    """The Celery task executing in this thread, or ``None`` (also when its function is
-    called directly rather than run by Celery)."""
+def running_task(run: Callable[..., Any] | None = None) -> Task | None:
+    """The Celery task executing in this thread, or ``None``: also when its function is
+    called directly rather than run by Celery, and, given ``run``, when the running task's
+    function is not (a wrapper of) ``run`` (``run`` was called from another task's body)."""
     task = get_current_task()
     if task is None or task.request.called_directly:
         return None
+    if run is not None and not _task_runs(task, run):
+        return None
     return task
+
+
+def _task_runs(task: Task, func: Callable[..., Any]) -> bool:
+    current: Any = getattr(task.run, "__func__", task.run)
+    while current is not None:
+        if current is func:
+            return True
+        current = getattr(current, "__wrapped__", None)
+    return False
 
 
 def _marker_key(model: type[models.Model], entity_uuid: uuid_module.UUID, transition_name: str) -> str:
@@ -206,12 +218,32 @@ def apply_error_transition(
         return None
 
 
-def _accepts_entity_argument(func: Callable[..., Any]) -> bool:
-    parameters = inspect.signature(func).parameters.values()
-    return any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        or (p.name == ENTITY_ARGUMENT and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
-        for p in parameters
+def _check_entity_parameter(
+    func: Callable[..., Any], model: type[models.Model], transition_name: str
+) -> None:
+    """The body must take ``transition_entity`` by keyword, and no positional argument
+    may land in it (that would be found out only after the transition was saved)."""
+    parameters = list(inspect.signature(func).parameters.values())
+    for index, parameter in enumerate(parameters):
+        if parameter.name != ENTITY_ARGUMENT:
+            continue
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            break
+        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and any(
+            later.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+            for later in parameters[index + 1 :]
+        ):
+            raise ImproperlyDecorated(
+                f"{func.__qualname__}: {ENTITY_ARGUMENT!r} must be the last positional parameter "
+                "(or keyword-only): a positional argument after the uuid would land in it"
+            )
+        return
+    else:
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return
+    raise ImproperlyDecorated(
+        f"{func.__qualname__} must accept a {ENTITY_ARGUMENT!r} keyword argument "
+        f"to be decorated with transition({model.__name__}, {transition_name!r})"
     )
 
 
@@ -243,11 +275,12 @@ def transition(
             raise ImproperlyDecorated(
                 f"transition() must be placed under @shared_task, not above it ({func.name})"
             )
-        if not _accepts_entity_argument(func):
-            raise ImproperlyDecorated(
-                f"{func.__qualname__} must accept a {ENTITY_ARGUMENT!r} keyword argument "
-                f"to be decorated with transition({model.__name__}, {transition_name!r})"
-            )
+        _check_entity_parameter(func, model, transition_name)
+        # Celery checks call arguments against the signature: hide the injected one.
+        signature = inspect.signature(func)
+        public_signature = signature.replace(
+            parameters=[p for p in signature.parameters.values() if p.name != ENTITY_ARGUMENT]
+        )
 
         @functools.wraps(func)
         def run_with_transition(*args: Any, **kwargs: Any) -> Any:
@@ -260,7 +293,12 @@ def transition(
                 )
             entity_uuid = args[uuid_index]
             kwargs.pop(ENTITY_ARGUMENT, None)
-            task = args[0] if uuid_index else running_task()
+            # Refuse a malformed call before anything is written.
+            try:
+                public_signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{func.__qualname__}: {exc}") from None
+            task = running_task(run_with_transition)
             marker_key = _marker_key(model, parse_entity_uuid(model, entity_uuid), transition_name)
             applied_state = _applied_state(task, marker_key)
             if applied_state is None:
@@ -277,11 +315,7 @@ def transition(
                     apply_error_transition(model, entity_uuid, on_error, exc)
                 raise
 
-        # Celery checks call arguments against the signature: hide the injected one.
-        signature = inspect.signature(func)
-        run_with_transition.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p for p in signature.parameters.values() if p.name != ENTITY_ARGUMENT]
-        )
+        run_with_transition.__signature__ = public_signature  # type: ignore[attr-defined]
         run_with_transition.task_workflow_transition = (model, transition_name, on_error)  # type: ignore[attr-defined]
         return run_with_transition
 
