@@ -1,0 +1,1 @@
+"""End-to-end tests on real Celery worker processes, Redis and PostgreSQL."""
