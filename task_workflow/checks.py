@@ -28,6 +28,7 @@ VALIDATORS: dict[str, tuple[Any, str]] = {
     "THROTTLE_RETRY_BACKOFF": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
     "THROTTLE_RETRY_BACKOFF_MAX": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
     "HEAVY_QUEUE": (lambda v: isinstance(v, str) and bool(v), "a non-empty queue name"),
+    "TRANSITION_HISTORY": (lambda v: isinstance(v, bool), "True or False"),
 }
 
 

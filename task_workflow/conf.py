@@ -24,6 +24,8 @@ DEFAULTS: dict[str, Any] = {
     "THROTTLE_RETRY_BACKOFF_MAX": 30.0,
     # Queue that receives tasks declared with ``is_heavy_task=True``.
     "HEAVY_QUEUE": "heavy",
+    # Write a TransitionRecord for every transition applied through task_workflow.
+    "TRANSITION_HISTORY": True,
 }
 
 

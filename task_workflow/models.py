@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import uuid
 
+from django.conf import settings
+from django.contrib.contenttypes.fields import GenericForeignKey
+from django.contrib.contenttypes.models import ContentType
 from django.db import models
+from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
+
+from .managers import TransitionRecordManager
 
 
 class UuidMixin(models.Model):
@@ -115,3 +121,51 @@ class StateMixin(FSMModelMixin, models.Model):
     def recover(self) -> None:
         """erred → ok, clearing the error message."""
         self.error_message = ""
+
+
+class TransitionRecord(models.Model):
+    """One transition applied through task_workflow (task, errback or admin), written in
+    the same transaction as the state change, so history and state never disagree."""
+
+    content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE, related_name="+")
+    # A string, so integer and UUID primary keys fit alike.
+    object_id = models.CharField(max_length=64)
+    entity = GenericForeignKey("content_type", "object_id")
+    entity_uuid = models.UUIDField(null=True, blank=True, db_index=True)
+    transition = models.CharField(max_length=100)
+    source_state = models.CharField(max_length=64)
+    target_state = models.CharField(max_length=64, db_index=True)
+    task_name = models.CharField(max_length=255, blank=True, default="")
+    task_id = models.CharField(max_length=255, blank=True, default="")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    error_message = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = TransitionRecordManager()
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        indexes = [models.Index(fields=["content_type", "object_id", "-created_at"])]
+        verbose_name = "transition record"
+        verbose_name_plural = "transition history"
+
+    def __str__(self) -> str:
+        return f"{self.transition}: {self.source_state} → {self.target_state}"
+
+
+class ThrottleLock(models.Model):
+    """Not a table: gives the admin index its "Throttle locks" entry and the permissions
+    to view (``view_throttlelock``) and force-release (``release_throttlelock``) slots.
+    The admin page reads held slots from the cache backend."""
+
+    class Meta:
+        managed = False
+        default_permissions = ("view",)
+        permissions = [("release_throttlelock", "Can force-release throttle locks")]
+        verbose_name = "throttle lock"
+        verbose_name_plural = "throttle locks"
+
+    def __str__(self) -> str:
+        return "throttle lock"

@@ -21,7 +21,13 @@ from .exceptions import (
     TransitionNotPermitted,
 )
 from .throttle import ThrottleTimeout, ThrottleUnavailable, throttle
-from .transitions import apply_error_transition, apply_transition, check_transition_name, transition
+from .transitions import (
+    TransitionOrigin,
+    apply_error_transition,
+    apply_transition,
+    check_transition_name,
+    transition,
+)
 
 __all__ = [
     "EntityNotFound",
@@ -31,6 +37,7 @@ __all__ = [
     "ThrottleTimeout",
     "ThrottleUnavailable",
     "TransitionNotPermitted",
+    "TransitionOrigin",
     "apply_transition",
     "error_transition",
     "on_task_failure",
@@ -55,7 +62,11 @@ def on_task_failure(
     result backend. Build it with :func:`error_transition`.
     """
     model = apps.get_model(model_label)
-    apply_error_transition(model, entity_uuid, transition_name, exc)
+    # The history names the task that failed, not this callback.
+    origin = TransitionOrigin(
+        task_name=str(getattr(request, "task", "") or ""), task_id=str(request.id or "")
+    )
+    apply_error_transition(model, entity_uuid, transition_name, exc, origin=origin)
 
 
 def error_transition(

@@ -16,7 +16,8 @@ import functools
 import inspect
 import logging
 import uuid as uuid_module
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Task
@@ -25,7 +26,9 @@ from celery.exceptions import Ignore, Reject, Retry
 from django.db import models, router, transaction
 from django_fsm import TransitionNotAllowed
 
+from .conf import get_setting
 from .exceptions import EntityNotFound, ImproperlyDecorated, InvalidEntityUuid, TransitionNotPermitted
+from .models import TransitionRecord
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +44,22 @@ ENTITY_ARGUMENT = "transition_entity"
 #: task message. Re-queues (``self.retry()``, a busy throttle) resend the request's
 #: headers, so the re-run skips the transition instead of failing it from its target.
 APPLIED_TRANSITIONS_HEADER = "task_workflow_applied_transitions"
+
+
+@dataclass(frozen=True)
+class TransitionOrigin:
+    """Who applied a transition, for the history: a task (name, id) or a user."""
+
+    task_name: str = ""
+    task_id: str = ""
+    user: Any = None
+
+    @classmethod
+    def from_running_task(cls) -> TransitionOrigin:
+        task = running_task()
+        if task is None:
+            return cls()
+        return cls(task_name=str(task.name), task_id=str(task.request.id or ""))
 
 
 def running_task(run: Callable[..., Any] | None = None) -> Task | None:
@@ -131,13 +150,17 @@ def apply_transition(
     transition_name: str,
     *,
     error_message: str | None = None,
+    origin: TransitionOrigin | None = None,
+    method_kwargs: Mapping[str, Any] | None = None,
 ) -> ModelT:
     """Lock the row, apply the named transition, save, commit; return the saved entity.
 
     Runs in its own transaction (or a savepoint, inside an outer one). Raises
     ``InvalidEntityUuid``, ``EntityNotFound`` or ``TransitionNotPermitted``; in every
     failure case nothing is written. ``error_message`` is stored on models that have
-    that field (error transitions).
+    that field (error transitions). Unless ``TASK_WORKFLOW['TRANSITION_HISTORY']`` is off,
+    a :class:`~task_workflow.models.TransitionRecord` is written in the same transaction,
+    attributed to ``origin`` (default: the running Celery task, if any).
     """
     key = parse_entity_uuid(model, entity_uuid)
     using = router.db_for_write(model)
@@ -150,7 +173,7 @@ def apply_transition(
         if error_message is not None and hasattr(entity, "error_message"):
             entity.error_message = error_message
         try:
-            getattr(entity, transition_name)()
+            getattr(entity, transition_name)(**(method_kwargs or {}))
         except TransitionNotAllowed as exc:
             raise TransitionNotPermitted(
                 f"{model._meta.label} {key}: transition {transition_name!r} is not allowed "
@@ -162,6 +185,18 @@ def apply_transition(
                 method=getattr(entity, transition_name),
             ) from exc
         entity.save()
+        if get_setting("TRANSITION_HISTORY"):
+            origin = origin or TransitionOrigin.from_running_task()
+            TransitionRecord.objects.db_manager(using).record(
+                entity,
+                transition=transition_name,
+                source_state=current_state,
+                target_state=entity.state,  # type: ignore[attr-defined]
+                task_name=origin.task_name,
+                task_id=origin.task_id,
+                user=origin.user,
+                error_message=error_message or "",
+            )
     return entity
 
 
@@ -198,6 +233,7 @@ def apply_error_transition(
     entity_uuid: uuid_module.UUID | str,
     transition_name: str,
     error: BaseException | str,
+    origin: TransitionOrigin | None = None,
 ) -> models.Model | None:
     """Apply an error transition recording ``error``; log instead of raising.
 
@@ -206,7 +242,7 @@ def apply_error_transition(
     """
     message = error if isinstance(error, str) else format_error(error)
     try:
-        return apply_transition(model, entity_uuid, transition_name, error_message=message)
+        return apply_transition(model, entity_uuid, transition_name, error_message=message, origin=origin)
     except Exception:
         logger.exception(
             "Could not apply error transition %r to %s %s (error was: %s)",

@@ -729,14 +729,17 @@ def statements(captured) -> list[str]:
     return [q["sql"] for q in captured.captured_queries if not q["sql"].upper().startswith(BOOKKEEPING)]
 
 
-def assert_lock_then_update(sql: list[str], target: str) -> None:
-    """Exactly: one SELECT ... FOR UPDATE of the row, then one UPDATE saving ``target``."""
-    assert len(sql) == 2, sql
-    select, update = sql
+def assert_lock_then_update(sql: list[str], target: str, *, history: bool = True) -> None:
+    """Exactly: one SELECT ... FOR UPDATE of the row, one UPDATE saving ``target`` and,
+    with the transition history on, one INSERT of its record."""
+    assert len(sql) == (3 if history else 2), sql
+    select, update = sql[:2]
     assert select.startswith("SELECT"), select
     assert select.rstrip().endswith("FOR UPDATE"), select
     assert update.startswith('UPDATE "testapp_volume"'), update
     assert f"'{target}'" in update, update
+    if history:
+        assert sql[2].startswith('INSERT INTO "task_workflow_transitionrecord"'), sql[2]
 
 
 @pytest.mark.postgres
@@ -754,8 +757,20 @@ def test_apply_transition_locks_then_updates():
 @pytest.mark.postgres
 @pytest.mark.django_db
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL")
+def test_apply_transition_without_history_is_lock_and_update_only(settings):
+    """TRANSITION_HISTORY off: one locking SELECT and one UPDATE, nothing else."""
+    settings.TASK_WORKFLOW = {**settings.TASK_WORKFLOW, "TRANSITION_HISTORY": False}
+    volume = make_volume()
+    with CaptureQueriesContext(connection) as captured:
+        apply_transition(Volume, volume.uuid, "begin_updating")
+    assert_lock_then_update(statements(captured), S.UPDATING, history=False)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="needs PostgreSQL")
 def test_decorated_task_adds_no_queries():
-    """A task whose body touches no table issues only the transition's two statements."""
+    """A task whose body touches no table issues only the transition's statements."""
     volume = make_volume(S.CREATION_SCHEDULED)
     with CaptureQueriesContext(connection) as captured:
         create_volume_noop.apply(args=(str(volume.uuid),)).get()
