@@ -23,6 +23,7 @@ from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.utils import timezone
 from django_fsm import FSMField, FSMModelMixin, transition
+from django_fsm.signals import post_transition
 
 from .managers import TransitionRecordManager
 
@@ -84,6 +85,9 @@ class StateMixin(FSMModelMixin, models.Model):
 
     state = FSMField(default=States.CREATION_SCHEDULED, max_length=64, protected=True, db_index=True)
     error_message = models.TextField(blank=True, default="")
+    #: When ``state`` last changed (set by every transition): how long an entity has sat
+    #: in a transitional state, for ``manage.py stuck_entities``.
+    state_changed_at = models.DateTimeField(default=timezone.now, editable=False, db_index=True)
 
     class Meta:
         abstract = True
@@ -169,3 +173,12 @@ class ThrottleLock(models.Model):
 
     def __str__(self) -> str:
         return "throttle lock"
+
+
+def _stamp_state_change(sender: type, instance: models.Model, target: str, **kwargs: object) -> None:
+    """django-fsm ``post_transition`` receiver: remember when a StateMixin's state changed."""
+    if isinstance(instance, StateMixin):
+        instance.state_changed_at = timezone.now()
+
+
+post_transition.connect(_stamp_state_change, dispatch_uid="task_workflow.stamp_state_change")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,34 @@ class HeldSlot:
     def expired(self) -> bool:
         """The lease is past its deadline (its holder stopped renewing)."""
         return self.lease_deadline <= self.now
+
+    @property
+    def held_for(self) -> float | None:
+        """Seconds since the slot was acquired."""
+        return None if self.acquired_at is None else max(self.now - self.acquired_at, 0.0)
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the lease deadline (negative once past it)."""
+        return self.lease_deadline - self.now
+
+    @property
+    def ref(self) -> str:
+        """A string naming this slot for a later force release (admin forms, CLI)."""
+        return json.dumps(
+            [self.group.task_name, self.group.key, self.token, self.slot], separators=(",", ":")
+        )
+
+    @staticmethod
+    def parse_ref(ref: str) -> tuple[SlotGroup, str, str]:
+        """``(group, token, slot)`` from :attr:`ref`; ``ValueError`` if malformed."""
+        try:
+            task_name, key, token, slot = json.loads(ref)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not a throttle slot reference: {ref!r}") from exc
+        if not all(isinstance(v, str) for v in (task_name, token, slot)) or not isinstance(key, str | None):
+            raise ValueError(f"not a throttle slot reference: {ref!r}")
+        return SlotGroup(task_name, key), token, slot
 
 
 class ThrottleBackend(abc.ABC):

@@ -130,14 +130,29 @@ class RedisThrottleBackend(ThrottleBackend):
         seconds, micros = self.client.time()
         now = seconds + micros / 1_000_000
         slots: list[HeldSlot] = []
+        batch: list[str] = []
         for holders_key in self._holder_keys():
-            meta_key = holders_key[: -len(HOLDERS_SUFFIX)] + ":meta"
-            pipe = self.client.pipeline(transaction=False)
+            batch.append(holders_key)
+            if len(batch) >= self.LIST_BATCH:
+                slots.extend(self._read_groups(batch, now))
+                batch = []
+        if batch:
+            slots.extend(self._read_groups(batch, now))
+        return slots
+
+    #: Groups read per pipelined round trip when listing.
+    LIST_BATCH = 500
+
+    def _read_groups(self, holder_keys: list[str], now: float) -> list[HeldSlot]:
+        pipe = self.client.pipeline(transaction=False)
+        for holders_key in holder_keys:
             pipe.zrange(holders_key, 0, -1, withscores=True)
-            pipe.hgetall(meta_key)
-            leases, metas = pipe.execute()
+            pipe.hgetall(holders_key[: -len(HOLDERS_SUFFIX)] + ":meta")
+        replies = pipe.execute()
+        slots: list[HeldSlot] = []
+        for leases, metas in zip(replies[::2], replies[1::2], strict=True):
             for raw_token, deadline_ms in leases:
-                token = raw_token.decode()
+                token = raw_token.decode() if isinstance(raw_token, bytes) else raw_token
                 raw_meta = metas.get(raw_token)
                 meta = json.loads(raw_meta) if raw_meta else {}
                 slots.append(held_slot_from_metadata(token, token[:8], meta, deadline_ms / 1000, now))

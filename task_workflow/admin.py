@@ -1,0 +1,370 @@
+"""Django admin: throttle locks, transition history, and a mixin for StateMixin models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from django.contrib import admin, messages
+from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.contenttypes.admin import GenericTabularInline
+from django.contrib.contenttypes.models import ContentType
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.html import format_html
+from django_fsm import TransitionNotAllowed
+from django_fsm.admin import FSMAdminMixin
+
+from .locks import SORT_KEYS, force_release, list_locks
+from .models import StateMixin, ThrottleLock, TransitionRecord
+from .transitions import TransitionOrigin, apply_transition
+
+#: Badge colours per state; other states get the neutral one.
+STATE_COLOURS = {
+    StateMixin.States.OK: "#2e7d32",
+    StateMixin.States.ERRED: "#c62828",
+    "online": "#2e7d32",
+    "offline": "#616161",
+}
+TRANSITIONAL_COLOUR = "#ef6c00"
+NEUTRAL_COLOUR = "#455a64"
+
+
+def state_badge(entity: StateMixin) -> str:
+    """The entity's state as a coloured badge."""
+    state = entity.state
+    colour = STATE_COLOURS.get(state)
+    if colour is None:
+        colour = TRANSITIONAL_COLOUR if state in type(entity).States.TRANSITIONAL else NEUTRAL_COLOUR
+    return format_html(
+        '<span class="tw-state" data-state="{}" style="background:{};color:#fff;padding:2px 8px;'
+        'border-radius:10px;white-space:nowrap">{}</span>',
+        state,
+        colour,
+        state.replace("_", " "),
+    )
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "—"
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 60:
+        return f"{sign}{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{sign}{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{sign}{minutes}m{secs:02d}s"
+
+
+# Transition history ----------------------------------------------------------------------
+
+
+class TransitionHistoryInline(GenericTabularInline):
+    """An entity's transition history on its change page, newest first."""
+
+    model = TransitionRecord
+    ct_field = "content_type"
+    ct_fk_field = "object_id"
+    fields = (
+        "created_at",
+        "transition",
+        "source_state",
+        "target_state",
+        "task_name",
+        "task_id",
+        "user",
+        "error_message",
+    )
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+    verbose_name_plural = "Transition history"
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(TransitionRecord)
+class TransitionRecordAdmin(admin.ModelAdmin):
+    """Read-only list of every recorded transition."""
+
+    list_display = (
+        "created_at",
+        "entity_link",
+        "transition",
+        "source_state",
+        "target_state",
+        "task_name",
+        "task_id",
+        "user",
+        "short_error",
+    )
+    list_filter = ("content_type", "transition", "target_state", "created_at")
+    search_fields = ("entity_uuid", "object_id", "task_name", "task_id", "error_message")
+    date_hierarchy = "created_at"
+    list_select_related = ("content_type", "user")
+    readonly_fields = [f.name for f in TransitionRecord._meta.fields if f.name != "id"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="entity", ordering="object_id")
+    def entity_link(self, record: TransitionRecord) -> str:
+        label = f"{record.content_type.model} {record.entity_uuid or record.object_id}"
+        try:
+            url = reverse(
+                f"admin:{record.content_type.app_label}_{record.content_type.model}_change",
+                args=[record.object_id],
+            )
+        except Exception:
+            return label
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    @admin.display(description="error")
+    def short_error(self, record: TransitionRecord) -> str:
+        text = record.error_message
+        return text if len(text) <= 80 else f"{text[:79]}…"
+
+
+# StateMixin models -----------------------------------------------------------------------
+
+
+class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
+    """Admin for ``StateMixin`` models: a state badge, the error message, transition buttons
+    (django-fsm's rules and permissions, applied under the row lock and recorded in the
+    history with the admin user) and the recent transition history."""
+
+    fsm_fields = ["state"]
+    inlines = [TransitionHistoryInline]
+    list_filter = ("state",)
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        display = list(super().get_list_display(request))
+        if "state" in display:
+            display[display.index("state")] = "state_badge"
+        elif "state_badge" not in display:
+            display.append("state_badge")
+        return display
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return (
+            *super().get_readonly_fields(request, obj),
+            "state_badge",
+            "error_message",
+            "state_changed_at",
+        )
+
+    @admin.display(description="state", ordering="state")
+    def state_badge(self, entity: StateMixin) -> str:
+        return state_badge(entity)
+
+    def _apply_fsm_transition(
+        self, *, obj: Any, transition_name: str, request: HttpRequest, kwargs: Any = None
+    ) -> bool:
+        if not hasattr(obj, "uuid"):  # not a UuidMixin model: django-fsm's own path
+            return bool(
+                super()._apply_fsm_transition(
+                    obj=obj, transition_name=transition_name, request=request, kwargs=kwargs
+                )
+            )
+        method = self._get_fsm_transition_func(obj=obj, transition_name=transition_name)
+        transition = self._get_fsm_transition_by_name(obj=obj, transition_name=transition_name)
+        if not transition.has_perm(obj, request.user) or not self.is_fsm_transition_visible(transition):
+            raise PermissionDenied
+        try:
+            apply_transition(
+                type(obj),
+                obj.uuid,
+                method.__name__,
+                origin=TransitionOrigin(user=request.user),
+                method_kwargs=kwargs,
+            )
+        except TransitionNotAllowed as exc:
+            self.message_user(
+                request, f"Transition '{transition_name}' is not allowed: {exc}", messages.ERROR
+            )
+            return False
+        self.message_user(request, f"Transition '{transition_name}' applied.", messages.SUCCESS)
+        return True
+
+
+# Throttle locks --------------------------------------------------------------------------
+
+
+@admin.register(ThrottleLock)
+class ThrottleLockAdmin(admin.ModelAdmin):
+    """Held throttle slots, read from the cache backend; force release for the permitted."""
+
+    list_per_page = 100
+    change_list_template = "admin/task_workflow/throttlelock/change_list.html"
+    confirm_template = "admin/task_workflow/throttlelock/release_confirmation.html"
+    columns = (
+        ("task", "task name"),
+        ("key", "key"),
+        (None, "slot"),
+        ("task_id", "holder task id"),
+        ("host", "worker host / pid"),
+        ("acquired", "acquired at"),
+        ("held", "held for"),
+        ("expires", "lease expires in"),
+        (None, "in use"),
+    )
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_release_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("task_workflow.release_throttlelock")
+
+    def get_urls(self) -> list[Any]:
+        # Only the list: there are no rows to add, change or delete.
+        from django.urls import path
+
+        name = f"{self.opts.app_label}_{self.opts.model_name}_changelist"
+        return [path("", self.admin_site.admin_view(self.changelist_view), name=name)]
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        if request.method == "POST":
+            return self._release_view(request)
+        params = request.GET
+        sort = params.get("o", "task")
+        if sort.lstrip("-") not in SORT_KEYS:
+            sort = "task"
+        expired = {"1": True, "0": False}.get(params.get("expired", ""))
+        rows = list_locks(
+            task_name=params.get("task") or None,
+            key=params.get("key") or None,
+            search=params.get("q", ""),
+            expired=expired,
+            sort=sort,
+        )
+        groups: dict[tuple[str, str | None], tuple[int, int]] = {}
+        for row in rows:
+            groups[(row.slot.group.task_name, row.slot.group.key)] = (row.in_use, row.slot.concurrency)
+        paginator = Paginator(rows, self.list_per_page)
+        page = paginator.get_page(params.get("p"))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Throttle locks",
+            "page": page,
+            "paginator": paginator,
+            "rows": [self._row(row) for row in page.object_list],
+            "headers": self._headers(params, sort),
+            "groups": sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")),
+            "task_names": sorted({name for name, _ in groups}),
+            "params": params,
+            "query_without_page": urlencode({k: v for k, v in params.items() if k != "p"}),
+            "can_release": self.has_release_permission(request),
+            "total": len(rows),
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, self.change_list_template, context)
+
+    def _headers(self, params: Any, sort: str) -> list[dict[str, Any]]:
+        headers = []
+        for key, label in self.columns:
+            entry: dict[str, Any] = {"label": label, "sortable": key is not None}
+            if key is not None:
+                ascending = sort == key
+                order = f"-{key}" if ascending else key
+                query = {**{k: v for k, v in params.items() if k not in ("o", "p")}, "o": order}
+                entry["url"] = "?" + urlencode(query)
+                entry["sorted"] = "ascending" if ascending else "descending" if sort == f"-{key}" else ""
+            headers.append(entry)
+        return headers
+
+    @staticmethod
+    def _row(row: Any) -> dict[str, Any]:
+        slot = row.slot
+        return {
+            "ref": slot.ref,
+            "task_name": slot.group.task_name,
+            "key": slot.group.key,
+            "slot": slot.slot,
+            "task_id": slot.task_id or "—",
+            "host": f"{slot.hostname or '?'} / {slot.pid or '?'}",
+            "acquired_at": _when(slot.acquired_at),
+            "held_for": _duration(slot.held_for),
+            "expires_in": _duration(slot.expires_in),
+            "expired": slot.expired,
+            "usage": row.usage,
+            "over": row.in_use > slot.concurrency,
+        }
+
+    def _release_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_release_permission(request):
+            raise PermissionDenied
+        refs = request.POST.getlist("slot")
+        if not refs:
+            self.message_user(request, "Select at least one lock to release.", messages.WARNING)
+            return HttpResponseRedirect(request.get_full_path())
+        if request.POST.get("confirm") != "yes":
+            selected = [self._describe_ref(ref) for ref in refs]
+            context = {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "title": "Release throttle locks?",
+                "refs": refs,
+                "selected": selected,
+            }
+            return TemplateResponse(request, self.confirm_template, context)
+        try:
+            results = force_release(refs, actor=f"admin user {request.user.get_username()}")
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        content_type = ContentType.objects.get_for_model(ThrottleLock, for_concrete_model=False)
+        for group, token, released in results:
+            LogEntry.objects.create(
+                user_id=request.user.pk,  # type: ignore[misc]  # an authenticated admin user
+                content_type=content_type,
+                object_id=token,
+                object_repr=str(group)[:200],
+                action_flag=DELETION,
+                change_message=f"Force-released throttle slot ({'released' if released else 'already free'})",
+            )
+        released_count = sum(1 for _, _, released in results if released)
+        self.message_user(
+            request,
+            f"Released {released_count} of {len(results)} selected locks"
+            + ("" if released_count == len(results) else " (the others were already free)"),
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(request.get_full_path())
+
+    @staticmethod
+    def _describe_ref(ref: str) -> str:
+        from .throttle import HeldSlot
+
+        try:
+            group, token, _ = HeldSlot.parse_ref(ref)
+        except ValueError:
+            return f"(unreadable reference {ref[:40]!r})"
+        return f"{group} — holder token {token[:8]}"

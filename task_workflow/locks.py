@@ -1,0 +1,99 @@
+"""Throttle locks as operators see them: list, filter, sort, force release.
+
+Shared by the admin page and ``manage.py throttle_locks`` so both behave the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .throttle import HeldSlot, SlotGroup, get_backend
+
+logger = logging.getLogger(__name__)
+
+#: Sort keys accepted by :func:`list_locks` (prefix ``-`` for descending).
+SORT_KEYS = {
+    "task": lambda s: (s.group.task_name, s.group.key or ""),
+    "key": lambda s: (s.group.key or "", s.group.task_name),
+    "acquired": lambda s: s.acquired_at or 0.0,
+    "held": lambda s: s.held_for or 0.0,
+    "expires": lambda s: s.expires_in,
+    "host": lambda s: (s.hostname or "", s.pid or 0),
+    "task_id": lambda s: s.task_id or "",
+}
+
+
+@dataclass(frozen=True)
+class LockRow:
+    """A held slot plus how many slots of its group are in use."""
+
+    slot: HeldSlot
+    in_use: int
+
+    @property
+    def usage(self) -> str:
+        return f"{self.in_use} of {self.slot.concurrency}"
+
+
+def list_locks(
+    *,
+    task_name: str | None = None,
+    key: str | None = None,
+    search: str = "",
+    expired: bool | None = None,
+    sort: str = "task",
+    cache: str | None = None,
+) -> list[LockRow]:
+    """Every held slot matching the filters, sorted (``sort`` in :data:`SORT_KEYS`)."""
+    slots = get_backend(cache).held_slots()
+    in_use = Counter(slot.group for slot in slots)
+    needle = search.strip().lower()
+
+    def keep(slot: HeldSlot) -> bool:
+        if task_name is not None and slot.group.task_name != task_name:
+            return False
+        if key is not None and slot.group.key != key:
+            return False
+        if expired is not None and slot.expired != expired:
+            return False
+        if needle:
+            haystack = " ".join(
+                str(v or "")
+                for v in (slot.group.task_name, slot.group.key, slot.task_id, slot.hostname, slot.token)
+            )
+            return needle in haystack.lower()
+        return True
+
+    descending = sort.startswith("-")
+    sort_key = SORT_KEYS.get(sort.lstrip("-"), SORT_KEYS["task"])
+    rows = [LockRow(slot, in_use[slot.group]) for slot in slots if keep(slot)]
+    rows.sort(key=lambda row: sort_key(row.slot), reverse=descending)
+    return rows
+
+
+def force_release(
+    refs: Iterable[str], *, actor: str, cache: str | None = None
+) -> list[tuple[SlotGroup, str, bool]]:
+    """Release the slots named by :attr:`HeldSlot.ref`, whoever holds them.
+
+    Waiters are woken. The holder's own later release finds nothing and is harmless; its
+    next renewal marks its lease lost. Each release is logged with ``actor``. Returns
+    ``(group, token, released)`` per slot.
+    """
+    backend = get_backend(cache)
+    results = []
+    for ref in refs:
+        group, token, slot = HeldSlot.parse_ref(ref)
+        released = backend.release(group, token, slot)
+        logger.warning(
+            "Throttle slot of %s (token %s) force-released by %s: %s",
+            group,
+            token,
+            actor,
+            "released" if released else "it was no longer held",
+        )
+        results.append((group, token, released))
+    return results
