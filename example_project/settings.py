@@ -28,6 +28,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "django_fsm",  # templates of the admin transition buttons
     "task_workflow",
     "example_project.apps.ExampleConfig",
 ]
