@@ -73,6 +73,8 @@ class _FromSettings:
 #: Default of ``wait``/``ttl``: read ``TASK_WORKFLOW`` at call time, not import time.
 FROM_SETTINGS: Final = _FromSettings()
 
+HOSTNAME = socket.gethostname()
+
 #: Message header counting throttle re-queues (drives the backoff; not ``retries``).
 THROTTLE_ATTEMPT_HEADER = "task_workflow_throttle_attempt"
 
@@ -269,7 +271,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             "key": group.key,
             "concurrency": self.concurrency,
             "task_id": task.request.id if task else None,
-            "hostname": (task.request.hostname if task else None) or socket.gethostname(),
+            "hostname": (task.request.hostname if task else None) or HOSTNAME,
             "pid": os.getpid(),
             "ttl": ttl,
         }
@@ -308,9 +310,10 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         metadata: dict[str, Any],
     ) -> AcquireResult:
         deadline = None if wait is None else time.monotonic() + wait
+        waiting = False
         while True:
             metadata["acquired_at"] = time.time()
-            result = backend.acquire(group, token, self.concurrency, ttl, metadata)
+            result = backend.acquire(group, token, self.concurrency, ttl, metadata, waiting)
             if result.acquired:
                 return result
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -320,3 +323,4 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             # ends; a short cap keeps blocking calls under any client socket timeout.
             timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
             backend.wait_for_release(group, max(timeout, 0.001))
+            waiting = True

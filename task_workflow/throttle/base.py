@@ -12,6 +12,7 @@ import abc
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 
@@ -26,7 +27,7 @@ class SlotGroup:
     task_name: str
     key: str | None = None
 
-    @property
+    @cached_property
     def digest(self) -> str:
         raw = self.task_name if self.key is None else f"{self.task_name}\x00{self.key}"
         return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
@@ -107,9 +108,19 @@ class ThrottleBackend(abc.ABC):
 
     @abc.abstractmethod
     def acquire(
-        self, group: SlotGroup, token: str, concurrency: int, ttl: float, metadata: dict[str, Any]
+        self,
+        group: SlotGroup,
+        token: str,
+        concurrency: int,
+        ttl: float,
+        metadata: dict[str, Any],
+        waiting: bool = False,
     ) -> AcquireResult:
-        """Take a slot for ``token`` if fewer than ``concurrency`` live leases exist."""
+        """Take a slot for ``token`` if fewer than ``concurrency`` live leases exist.
+
+        ``waiting`` says the caller was refused before and is retrying (backends that
+        wake waiters use it to forget the caller as a waiter once it holds a slot).
+        """
 
     @abc.abstractmethod
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:

@@ -37,7 +37,13 @@ class CacheThrottleBackend(ThrottleBackend):
         return f"tw:throttle:{group.digest}:{slot}"
 
     def acquire(
-        self, group: SlotGroup, token: str, concurrency: int, ttl: float, metadata: dict[str, Any]
+        self,
+        group: SlotGroup,
+        token: str,
+        concurrency: int,
+        ttl: float,
+        metadata: dict[str, Any],
+        waiting: bool = False,
     ) -> AcquireResult:
         lease = {"token": token, "deadline": time.time() + ttl, **metadata}
         for slot in range(concurrency):

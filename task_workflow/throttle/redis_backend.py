@@ -22,23 +22,39 @@ from redis import Redis
 
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 
-# KEYS: holders, meta. ARGV: token, concurrency, ttl_ms, metadata JSON.
+# KEYS: holders, meta, waiters. ARGV: token, concurrency, ttl_ms, metadata JSON,
+# waiter_ms (how long a refused caller stays registered as waiting), was_waiting (0/1).
 # Returns {1, 0} when acquired, else {0, ms until the earliest lease runs out}.
+# Expired leases are swept only when the group looks full, so the common uncontended
+# acquire is ZCARD + ZADD + HSET.
 ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[3])
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  redis.call('HDEL', KEYS[2], unpack(expired))
+local limit = tonumber(ARGV[2])
+local count = redis.call('ZCARD', KEYS[1])
+if count >= limit then
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+    redis.call('HDEL', KEYS[2], unpack(expired))
+    count = count - #expired
+  end
 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+if count >= limit then
+  -- Register as a waiter, so releases of this group push a wake-up.
+  local waiter_ms = tonumber(ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('ZADD', KEYS[3], now + waiter_ms, ARGV[1])
+  redis.call('PEXPIRE', KEYS[3], waiter_ms)
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {0, tonumber(first[2]) - now}
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+if ARGV[6] == '1' then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+end
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
@@ -46,15 +62,16 @@ end
 return {1, 0}
 """
 
-# KEYS: holders, meta, wake. ARGV: token. Returns 1 when the token held a slot.
+# KEYS: holders, meta, waiters, wake. ARGV: token. Returns 1 when the token held a slot.
+# A wake-up is pushed only while someone waits, so uncontended releases stay cheap and no
+# stale wake-ups pile up for later waiters to trip over.
 RELEASE_SCRIPT = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-if removed == 1 then
-  redis.call('RPUSH', KEYS[3], '1')
-  -- Pushes pile up only while nobody waits; a few are enough to wake the next waiters.
-  redis.call('LTRIM', KEYS[3], -16, -1)
-  redis.call('PEXPIRE', KEYS[3], 60000)
+if removed == 1 and redis.call('ZCARD', KEYS[3]) > 0 then
+  redis.call('RPUSH', KEYS[4], '1')
+  redis.call('LTRIM', KEYS[4], -16, -1)
+  redis.call('PEXPIRE', KEYS[4], 60000)
 end
 return removed
 """
@@ -96,17 +113,35 @@ class RedisThrottleBackend(ThrottleBackend):
         self._release = client.register_script(RELEASE_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
 
-    def _keys(self, group: SlotGroup) -> tuple[str, str, str]:
+    #: Milliseconds a refused caller stays registered as a waiter; waiters re-register on
+    #: every attempt, at least once a second (the longest single BLPOP).
+    WAITER_MS = 3000
+
+    def _keys(self, group: SlotGroup) -> tuple[str, str, str, str]:
+        """holders, meta, waiters, wake: one hash tag, so one Redis Cluster slot."""
         base = f"{self.key_prefix}{{{group.digest}}}"
-        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:wake"
+        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:wake"
 
     def acquire(
-        self, group: SlotGroup, token: str, concurrency: int, ttl: float, metadata: dict[str, Any]
+        self,
+        group: SlotGroup,
+        token: str,
+        concurrency: int,
+        ttl: float,
+        metadata: dict[str, Any],
+        waiting: bool = False,
     ) -> AcquireResult:
-        holders, meta, _ = self._keys(group)
+        holders, meta, waiters, _ = self._keys(group)
         acquired, wait_ms = self._acquire(
-            keys=[holders, meta],
-            args=[token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata)],
+            keys=[holders, meta, waiters],
+            args=[
+                token,
+                concurrency,
+                math.ceil(ttl * 1000),
+                json.dumps(metadata),
+                self.WAITER_MS,
+                int(waiting),
+            ],
         )
         return AcquireResult(bool(acquired), None if acquired else max(int(wait_ms), 0) / 1000)
 
@@ -114,12 +149,12 @@ class RedisThrottleBackend(ThrottleBackend):
         return bool(self._release(keys=list(self._keys(group)), args=[token]))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
-        holders, meta, _ = self._keys(group)
+        holders, meta, _, _ = self._keys(group)
         return bool(self._renew(keys=[holders, meta], args=[token, math.ceil(ttl * 1000)]))
 
     def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
         # BLPOP takes fractional seconds; 0 would block forever, so keep a floor.
-        self.client.blpop([self._keys(group)[2]], timeout=max(timeout, 0.001))
+        self.client.blpop([self._keys(group)[3]], timeout=max(timeout, 0.001))
 
     def _holder_keys(self) -> Iterator[str]:
         pattern = f"{self.key_prefix}{{*}}{HOLDERS_SUFFIX}"
