@@ -76,13 +76,13 @@ def make_variants() -> tuple[dict[str, Callable[[], None]], object]:
         lk.release()
 
     noop = client.register_script("return 1")
-    holders, meta, waiters, wake = backend._keys(group)
+    keys = list(backend._keys(group))
     metadata_json = json.dumps(metadata)
 
     def noop_pair() -> None:
         token = uuid.uuid4().hex
-        noop(keys=[holders, meta, waiters], args=[token, 1, ttl_ms, metadata_json, 3000, 0])
-        noop(keys=[holders, meta, waiters, wake], args=[token])
+        noop(keys=keys, args=[token, 1, ttl_ms, metadata_json, 3000])
+        noop(keys=keys, args=[token, "wake:"])
 
     def backend_op() -> None:
         token = uuid.uuid4().hex

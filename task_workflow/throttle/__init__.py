@@ -310,17 +310,18 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         metadata: dict[str, Any],
     ) -> AcquireResult:
         deadline = None if wait is None else time.monotonic() + wait
-        waiting = False
         while True:
             metadata["acquired_at"] = time.time()
-            result = backend.acquire(group, token, self.concurrency, ttl, metadata, waiting)
+            result = backend.acquire(group, token, self.concurrency, ttl, metadata)
             if result.acquired:
                 return result
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return result
-            # Sleep until woken by a release, the earliest lease may expire, or the wait
-            # ends; a short cap keeps blocking calls under any client socket timeout.
+                # A release may have handed us the slot just now: then we hold it.
+                return AcquireResult(True) if backend.cancel_wait(group, token) else result
+            # Sleep until a release wakes us (on Redis it hands us the slot), the earliest
+            # lease may expire, or the wait ends; a short cap keeps each blocking call
+            # under any client socket timeout and refreshes our waiter registration.
             timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
-            backend.wait_for_release(group, max(timeout, 0.001))
-            waiting = True
+            if backend.wait_for_release(group, token, max(timeout, 0.001)):
+                return AcquireResult(True)

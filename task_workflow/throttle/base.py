@@ -114,13 +114,8 @@ class ThrottleBackend(abc.ABC):
         concurrency: int,
         ttl: float,
         metadata: dict[str, Any],
-        waiting: bool = False,
     ) -> AcquireResult:
-        """Take a slot for ``token`` if fewer than ``concurrency`` live leases exist.
-
-        ``waiting`` says the caller was refused before and is retrying (backends that
-        wake waiters use it to forget the caller as a waiter once it holds a slot).
-        """
+        """Take a slot for ``token`` if fewer than ``concurrency`` live leases exist."""
 
     @abc.abstractmethod
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
@@ -135,8 +130,16 @@ class ThrottleBackend(abc.ABC):
         """Push ``token``'s lease deadline to now + ``ttl``; ``False`` if the slot is lost."""
 
     @abc.abstractmethod
-    def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
-        """Block until a slot of ``group`` may have been freed, or ``timeout`` seconds."""
+    def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
+        """Block until a slot of ``group`` may have been freed, or ``timeout`` seconds.
+
+        Returns ``True`` when a release handed the slot to ``token`` (a refused caller of
+        :meth:`acquire`): the caller holds it now and must not acquire again.
+        """
+
+    def cancel_wait(self, group: SlotGroup, token: str) -> bool:
+        """A refused caller gives up waiting; ``True`` if it was handed a slot meanwhile."""
+        return False
 
     @abc.abstractmethod
     def held_slots(self) -> list[HeldSlot]:

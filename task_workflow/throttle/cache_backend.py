@@ -43,7 +43,6 @@ class CacheThrottleBackend(ThrottleBackend):
         concurrency: int,
         ttl: float,
         metadata: dict[str, Any],
-        waiting: bool = False,
     ) -> AcquireResult:
         lease = {"token": token, "deadline": time.time() + ttl, **metadata}
         for slot in range(concurrency):
@@ -72,9 +71,10 @@ class CacheThrottleBackend(ThrottleBackend):
         self._register(group, value)
         return True
 
-    def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
+    def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
         # No wake-up channel in a generic cache: poll.
         time.sleep(max(0.0, min(timeout, self.poll_interval)))
+        return False
 
     def _register(self, group: SlotGroup, metadata: dict[str, Any]) -> None:
         """Record the group so operators can list it (a cache cannot be scanned).

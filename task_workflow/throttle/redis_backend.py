@@ -5,10 +5,15 @@ Per group (one Redis Cluster hash tag, so all keys land on one shard):
 - ``…:{digest}:holders`` sorted set, member = owner token, score = lease deadline in
   milliseconds of the *server's* clock (``redis.call('TIME')``);
 - ``…:{digest}:meta`` hash, token → JSON metadata for operators;
-- ``…:{digest}:wake`` list that releases push to and waiters ``BLPOP``.
+- ``…:{digest}:waiters`` sorted set of callers waiting for a slot (score: until when
+  they count as waiting) and ``…:{digest}:waiter_meta`` their lease length and metadata;
+- ``…:{digest}:wake:<token>`` a waiter's own list, which it ``BLPOP``s.
 
-Acquire and release are one round trip each (``EVALSHA``). Keys expire on their own
-when nobody renews, so a crashed fleet leaves nothing behind.
+A release hands the freed slot straight to a waiting caller and wakes it, so the waiter
+holds the slot when its ``BLPOP`` returns: a handoff costs the release's round trip and
+the wake-up, no second acquire. Acquire and release are one round trip each
+(``EVALSHA``). Keys expire on their own when nobody renews, so a crashed fleet leaves
+nothing behind.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from redis import Redis
 
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 
-# KEYS: holders, meta, waiters. ARGV: token, concurrency, ttl_ms, metadata JSON,
-# waiter_ms (how long a refused caller stays registered as waiting), was_waiting (0/1).
+# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, concurrency, ttl_ms,
+# metadata JSON, waiter_ms (how long a refused caller stays registered as waiting).
 # Returns {1, 0} when acquired, else {0, ms until the earliest lease runs out}.
 # Expired leases are swept only when the group looks full, so the common uncontended
-# acquire is ZCARD + ZADD + HSET.
+# acquire is ZCARD + ZADD + HSET. A refused caller is registered as a waiter (with its
+# lease length and metadata) so that a release can hand it the slot directly.
 ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -42,38 +48,78 @@ if count >= limit then
   end
 end
 if count >= limit then
-  -- Register as a waiter, so releases of this group push a wake-up.
   local waiter_ms = tonumber(ARGV[5])
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('ZADD', KEYS[3], now + waiter_ms, ARGV[1])
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
   redis.call('PEXPIRE', KEYS[3], waiter_ms)
+  redis.call('PEXPIRE', KEYS[4], waiter_ms)
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   return {0, tonumber(first[2]) - now}
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-if ARGV[6] == '1' then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-end
 if redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  -- Twice the lease, so the next acquires within a TTL need not extend it again.
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  redis.call('PEXPIRE', KEYS[2], 2 * ttl)
 end
 return {1, 0}
 """
 
-# KEYS: holders, meta, waiters, wake. ARGV: token. Returns 1 when the token held a slot.
-# A wake-up is pushed only while someone waits, so uncontended releases stay cheap and no
-# stale wake-ups pile up for later waiters to trip over.
+# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, wake key prefix.
+# Returns 1 when the token held a slot. The freed slot goes straight to the waiter that
+# has waited longest among the live ones: it is added as a holder with its own lease and
+# metadata, and woken on its personal list, so it holds the slot when BLPOP returns.
 RELEASE_SCRIPT = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-if removed == 1 and redis.call('ZCARD', KEYS[3]) > 0 then
-  redis.call('RPUSH', KEYS[4], '1')
-  redis.call('LTRIM', KEYS[4], -16, -1)
-  redis.call('PEXPIRE', KEYS[4], 60000)
+if removed == 0 or redis.call('EXISTS', KEYS[3]) == 0 then
+  return removed
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('HDEL', KEYS[4], unpack(gone))
+end
+local next = redis.call('ZRANGE', KEYS[3], 0, 0)
+if #next == 0 then
+  return removed
+end
+local waiter = next[1]
+local entry = redis.call('HGET', KEYS[4], waiter)
+redis.call('ZREM', KEYS[3], waiter)
+redis.call('HDEL', KEYS[4], waiter)
+if not entry then
+  return removed
+end
+local space = string.find(entry, ' ', 1, true)
+local ttl = tonumber(string.sub(entry, 1, space - 1))
+redis.call('ZADD', KEYS[1], now + ttl, waiter)
+redis.call('HSET', KEYS[2], waiter, string.sub(entry, space + 1))
+if redis.call('PTTL', KEYS[1]) < ttl then
+  -- Twice the lease, so the next acquires within a TTL need not extend it again.
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  redis.call('PEXPIRE', KEYS[2], 2 * ttl)
+end
+local wake = ARGV[2] .. waiter
+redis.call('RPUSH', wake, '1')
+redis.call('PEXPIRE', wake, ttl)
 return removed
+"""
+
+# KEYS: holders, waiters, waiter_meta, wake. ARGV: token.
+# A waiter giving up: returns 1 if a release handed it a slot meanwhile (it holds it),
+# else forgets the waiter and returns 0.
+CANCEL_WAIT_SCRIPT = """
+redis.call('DEL', KEYS[4])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return 1
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+return 0
 """
 
 # KEYS: holders, meta. ARGV: token, ttl_ms. Returns 1 when renewed, 0 when the slot is lost.
@@ -92,8 +138,9 @@ if tonumber(deadline) <= now then
 end
 redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  -- Twice the lease, so the next acquires within a TTL need not extend it again.
+  redis.call('PEXPIRE', KEYS[1], 2 * ttl)
+  redis.call('PEXPIRE', KEYS[2], 2 * ttl)
 end
 return 1
 """
@@ -112,15 +159,19 @@ class RedisThrottleBackend(ThrottleBackend):
         self._acquire = client.register_script(ACQUIRE_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
+        self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
 
     #: Milliseconds a refused caller stays registered as a waiter; waiters re-register on
     #: every attempt, at least once a second (the longest single BLPOP).
     WAITER_MS = 3000
 
     def _keys(self, group: SlotGroup) -> tuple[str, str, str, str]:
-        """holders, meta, waiters, wake: one hash tag, so one Redis Cluster slot."""
+        """holders, meta, waiters, waiter_meta: one hash tag, so one Redis Cluster slot."""
         base = f"{self.key_prefix}{{{group.digest}}}"
-        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:wake"
+        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:waiter_meta"
+
+    def _wake_prefix(self, group: SlotGroup) -> str:
+        return f"{self.key_prefix}{{{group.digest}}}:wake:"
 
     def acquire(
         self,
@@ -129,32 +180,28 @@ class RedisThrottleBackend(ThrottleBackend):
         concurrency: int,
         ttl: float,
         metadata: dict[str, Any],
-        waiting: bool = False,
     ) -> AcquireResult:
-        holders, meta, waiters, _ = self._keys(group)
         acquired, wait_ms = self._acquire(
-            keys=[holders, meta, waiters],
-            args=[
-                token,
-                concurrency,
-                math.ceil(ttl * 1000),
-                json.dumps(metadata),
-                self.WAITER_MS,
-                int(waiting),
-            ],
+            keys=list(self._keys(group)),
+            args=[token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata), self.WAITER_MS],
         )
         return AcquireResult(bool(acquired), None if acquired else max(int(wait_ms), 0) / 1000)
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        return bool(self._release(keys=list(self._keys(group)), args=[token]))
+        return bool(self._release(keys=list(self._keys(group)), args=[token, self._wake_prefix(group)]))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
         holders, meta, _, _ = self._keys(group)
         return bool(self._renew(keys=[holders, meta], args=[token, math.ceil(ttl * 1000)]))
 
-    def wait_for_release(self, group: SlotGroup, timeout: float) -> None:
+    def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
         # BLPOP takes fractional seconds; 0 would block forever, so keep a floor.
-        self.client.blpop([self._keys(group)[3]], timeout=max(timeout, 0.001))
+        return self.client.blpop([self._wake_prefix(group) + token], timeout=max(timeout, 0.001)) is not None
+
+    def cancel_wait(self, group: SlotGroup, token: str) -> bool:
+        holders, _, waiters, waiter_meta = self._keys(group)
+        wake = self._wake_prefix(group) + token
+        return bool(self._cancel_wait(keys=[holders, waiters, waiter_meta, wake], args=[token]))
 
     def _holder_keys(self) -> Iterator[str]:
         pattern = f"{self.key_prefix}{{*}}{HOLDERS_SUFFIX}"
