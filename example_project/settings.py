@@ -115,6 +115,8 @@ else:
         "default": {
             "BACKEND": "django.core.cache.backends.db.DatabaseCache",
             "LOCATION": "task_workflow_cache",
+            # Culling past MAX_ENTRIES (default 300) would drop live throttle slots.
+            "OPTIONS": {"MAX_ENTRIES": 1_000_000},
         }
     }
     CELERY_BROKER_URL = "filesystem://"

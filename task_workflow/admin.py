@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -21,6 +22,7 @@ from django_fsm.admin import FSMAdminMixin
 
 from .locks import SORT_KEYS, force_release, list_locks
 from .models import StateMixin, ThrottleLock, TransitionRecord
+from .throttle import HeldSlot, get_backend
 from .transitions import TransitionOrigin, apply_transition
 
 #: Badge colours per state; other states get the neutral one.
@@ -96,6 +98,9 @@ class TransitionHistoryInline(GenericTabularInline):
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
 
 @admin.register(TransitionRecord)
 class TransitionRecordAdmin(admin.ModelAdmin):
@@ -112,7 +117,12 @@ class TransitionRecordAdmin(admin.ModelAdmin):
         "user",
         "short_error",
     )
-    list_filter = ("content_type", "transition", "target_state", "created_at")
+    list_filter = (
+        ("content_type", admin.RelatedOnlyFieldListFilter),
+        "transition",
+        "target_state",
+        "created_at",
+    )
     search_fields = ("entity_uuid", "object_id", "task_name", "task_id", "error_message")
     date_hierarchy = "created_at"
     list_select_related = ("content_type", "user")
@@ -123,6 +133,9 @@ class TransitionRecordAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # an audit trail
 
     @admin.display(description="entity", ordering="object_id")
     def entity_link(self, record: TransitionRecord) -> str:
@@ -170,9 +183,33 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
             "state_changed_at",
         )
 
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        fields = list(super().get_fields(request, obj))
+        # The badge replaces the plain state field on the form.
+        return [f for f in fields if f != "state"] if "state_badge" in fields else fields
+
     @admin.display(description="state", ordering="state")
     def state_badge(self, entity: StateMixin) -> str:
         return state_badge(entity)
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        # Save only what the form changed: writing every column would put back the state
+        # read at the start of the request over a transition a worker committed meanwhile.
+        if change:
+            obj.save(
+                update_fields=[f for f in form.changed_data if f in {fl.name for fl in obj._meta.fields}]
+            )
+        else:
+            super().save_model(request, obj, form, change)
+
+    def _get_fsm_extra_context(self, *, request: HttpRequest, obj: Any) -> Any:
+        # Transition buttons only for users who may change the entity.
+        if obj is None or not self.has_change_permission(request, obj):
+            return iter(())
+        return super()._get_fsm_extra_context(request=request, obj=obj)
+
+    def get_help_text(self, transition: Any) -> str:
+        return str(transition.custom.get("help_text") or inspect.getdoc(transition.method) or "")
 
     def _apply_fsm_transition(
         self, *, obj: Any, transition_name: str, request: HttpRequest, kwargs: Any = None
@@ -269,6 +306,10 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             groups[(row.slot.group.task_name, row.slot.group.key)] = (row.in_use, row.slot.concurrency)
         paginator = Paginator(rows, self.list_per_page)
         page = paginator.get_page(params.get("p"))
+        # The groups table covers this page's rows: all groups could be thousands.
+        on_page = {(row.slot.group.task_name, row.slot.group.key) for row in page.object_list}
+        group_total = len(groups)
+        groups = {group: usage for group, usage in groups.items() if group in on_page}
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
@@ -278,7 +319,8 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             "rows": [self._row(row) for row in page.object_list],
             "headers": self._headers(params, sort),
             "groups": sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")),
-            "task_names": sorted({name for name, _ in groups}),
+            "task_names": sorted({row.slot.group.task_name for row in rows}),
+            "group_total": group_total,
             "params": params,
             "query_without_page": urlencode({k: v for k, v in params.items() if k != "p"}),
             "can_release": self.has_release_permission(request),
@@ -326,7 +368,7 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             self.message_user(request, "Select at least one lock to release.", messages.WARNING)
             return HttpResponseRedirect(request.get_full_path())
         if request.POST.get("confirm") != "yes":
-            selected = [self._describe_ref(ref) for ref in refs]
+            selected = self._describe_refs(refs)
             context = {
                 **self.admin_site.each_context(request),
                 "opts": self.opts,
@@ -360,11 +402,20 @@ class ThrottleLockAdmin(admin.ModelAdmin):
         return HttpResponseRedirect(request.get_full_path())
 
     @staticmethod
-    def _describe_ref(ref: str) -> str:
-        from .throttle import HeldSlot
-
-        try:
-            group, token, _ = HeldSlot.parse_ref(ref)
-        except ValueError:
-            return f"(unreadable reference {ref[:40]!r})"
-        return f"{group} — holder token {token[:8]}"
+    def _describe_refs(refs: list[str]) -> list[str]:
+        held = {(slot.group, slot.token): slot for slot in get_backend().held_slots()}
+        descriptions = []
+        for ref in refs:
+            try:
+                group, token, _ = HeldSlot.parse_ref(ref)
+            except ValueError:
+                descriptions.append(f"(unreadable reference {ref[:40]!r})")
+                continue
+            slot = held.get((group, token))
+            if slot is None:
+                descriptions.append(f"{group} — holder token {token[:8]} (no longer held)")
+            else:
+                descriptions.append(
+                    f"{group} — task {slot.task_id or '?'} on {slot.hostname or '?'} pid {slot.pid or '?'}"
+                )
+        return descriptions

@@ -63,7 +63,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 @register(Tags.caches)
 def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The cache that holds throttle slots must be shared by every worker process."""
-    alias = (getattr(settings, "TASK_WORKFLOW", None) or {}).get("CACHE", DEFAULTS["CACHE"])
+    configured = getattr(settings, "TASK_WORKFLOW", None) or {}
+    if not isinstance(configured, dict):
+        return []  # check_settings reports it
+    alias = configured.get("CACHE", DEFAULTS["CACHE"])
     config: dict[str, Any] | None = settings.CACHES.get(alias) if isinstance(alias, str) else None
     if config is None:
         return []  # check_settings reports it
@@ -76,6 +79,19 @@ def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
                 "private to each process: throttle limits will not hold across workers.",
                 hint="Point TASK_WORKFLOW['CACHE'] at a django-redis cache (or DatabaseCache).",
                 id="task_workflow.W001",
+            )
+        )
+    culling = (
+        "django.core.cache.backends.db.DatabaseCache",
+        "django.core.cache.backends.filebased.FileBasedCache",
+    )
+    if backend in culling and int(config.get("OPTIONS", {}).get("MAX_ENTRIES", 300)) < 100_000:
+        messages.append(
+            Warning(
+                f"Cache {alias!r} culls entries past OPTIONS['MAX_ENTRIES'] (default 300), which "
+                "would drop live throttle slots.",
+                hint="Set OPTIONS={'MAX_ENTRIES': 1_000_000} (or more) on the lock cache.",
+                id="task_workflow.W003",
             )
         )
     if backend.startswith("django_redis.") and config.get("OPTIONS", {}).get("IGNORE_EXCEPTIONS"):

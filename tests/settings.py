@@ -29,5 +29,6 @@ if os.environ.get("THROTTLE_CACHE") == "database":
     CACHES["locks"] = {  # noqa: F405
         "BACKEND": "django.core.cache.backends.db.DatabaseCache",
         "LOCATION": "task_workflow_test_locks",
+        "OPTIONS": {"MAX_ENTRIES": 1_000_000},
     }
     TASK_WORKFLOW = {**TASK_WORKFLOW, "CACHE": "locks"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import os
 import random
 import socket
@@ -128,8 +129,8 @@ def _validate_key(key: Any) -> str | None:
 def _validate_seconds(name: str, value: Any, *, allow_none: bool) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"throttle {name} must be a number of seconds >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"throttle {name} must be a finite number of seconds >= 0, got {value!r}")
 
 
 def _backoff(attempt: int) -> float:
@@ -277,13 +278,16 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         }
         try:
             result = self._wait_for_slot(backend, group, token, ttl, wait, metadata)
+        except (RecursionError, MemoryError):
+            raise
         except Exception as exc:
             logger.error("Throttle %s: slot store unreachable (%s); not running unthrottled", group, exc)
-            if task is None:
+            if task is None or task.request.is_eager:
                 raise ThrottleUnavailable(f"throttle {group}: slot store unreachable: {exc}") from exc
             raise requeue(task, f"throttle {group}: slot store unreachable") from exc
         if not result.acquired:
-            if task is None:
+            # Eager runs (apply(), ALWAYS_EAGER) would re-run at once, recursing: raise instead.
+            if task is None or task.request.is_eager:
                 raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
             raise requeue(task, f"throttle {group}: all {self.concurrency} slots busy")
         lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
@@ -310,6 +314,27 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         metadata: dict[str, Any],
     ) -> AcquireResult:
         deadline = None if wait is None else time.monotonic() + wait
+        try:
+            return self._attempt_until(backend, group, token, ttl, deadline, metadata)
+        except BaseException:
+            # Interrupted while registered as a waiter (time limit, connection error): stop
+            # waiting, and give back a slot a release may have handed us meanwhile.
+            try:
+                if backend.cancel_wait(group, token):
+                    backend.release(group, token)
+            except Exception:
+                logger.warning("Throttle %s: could not withdraw an interrupted waiter", group, exc_info=True)
+            raise
+
+    def _attempt_until(
+        self,
+        backend: ThrottleBackend,
+        group: SlotGroup,
+        token: str,
+        ttl: float,
+        deadline: float | None,
+        metadata: dict[str, Any],
+    ) -> AcquireResult:
         while True:
             metadata["acquired_at"] = time.time()
             result = backend.acquire(group, token, self.concurrency, ttl, metadata)

@@ -93,21 +93,27 @@ class CacheThrottleBackend(ThrottleBackend):
         }
         self.cache.set(REGISTRY_KEY, registry, timeout=None)
 
+    #: Slot keys read per ``get_many`` when listing.
+    LIST_BATCH = 1000
+
     def held_slots(self) -> list[HeldSlot]:
         registry: dict[str, dict[str, Any]] = self.cache.get(REGISTRY_KEY) or {}
         now = time.time()
-        slots: list[HeldSlot] = []
-        empty: list[str] = []
+        keys: dict[str, tuple[str, str]] = {}  # slot key -> (slot number, group digest)
         for digest, info in registry.items():
             group = SlotGroup(info["task_name"], info.get("key"))
-            keys = {self._slot_key(group, n): str(n) for n in range(int(info.get("concurrency", 1)))}
-            values = self.cache.get_many(list(keys))
-            if not values:
-                empty.append(digest)
-            for key, value in values.items():
-                slots.append(
-                    held_slot_from_metadata(value["token"], keys[key], value, value["deadline"], now)
-                )
+            for number in range(int(info.get("concurrency", 1))):
+                keys[self._slot_key(group, number)] = (str(number), digest)
+        names = list(keys)
+        found: dict[str, Any] = {}
+        for start in range(0, len(names), self.LIST_BATCH):
+            found.update(self.cache.get_many(names[start : start + self.LIST_BATCH]))
+        slots = [
+            held_slot_from_metadata(value["token"], keys[key][0], value, value["deadline"], now)
+            for key, value in found.items()
+            if isinstance(value, dict)
+        ]
+        empty = set(registry) - {keys[key][1] for key in found}
         if empty:  # forget idle groups, so per-entity keys do not grow the registry forever
             current = self.cache.get(REGISTRY_KEY) or {}
             for digest in empty:

@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from django.db import close_old_connections
+
 from ..signals import slot_released
 from .base import SlotGroup, ThrottleBackend
 
@@ -26,6 +28,8 @@ class Lease:
     ttl: float
     lost: bool = False
     released: bool = field(default=False, repr=False)
+    #: ``time.monotonic()`` of the acquire or the last successful renewal.
+    renewed_at: float = field(default_factory=time.monotonic, repr=False)
 
     def release(self) -> bool:
         """Give the slot back (once); ``False`` if it was no longer ours."""
@@ -92,14 +96,20 @@ class LeaseRenewer:
                 self._renew(lease)
 
     def _renew(self, lease: Lease) -> None:
+        # A database-backed cache: drop a connection the server closed, so one lost
+        # connection does not fail every later renewal.
+        close_old_connections()
         try:
             renewed = lease.backend.renew(lease.group, lease.token, lease.slot, lease.ttl)
         except Exception:
-            # The store is unreachable: try again soon; the lease may still be saved.
-            logger.warning("Could not renew throttle lease of %s; retrying", lease.group, exc_info=True)
-            self._reschedule(lease, lease.ttl / 10)
-            return
+            if time.monotonic() - lease.renewed_at < lease.ttl:
+                # The store is unreachable: try again soon; the lease may still be saved.
+                logger.warning("Could not renew throttle lease of %s; retrying", lease.group, exc_info=True)
+                self._reschedule(lease, lease.ttl / 10)
+                return
+            renewed = False  # unrenewed for a whole TTL: the slot is gone by now
         if renewed:
+            lease.renewed_at = time.monotonic()
             self._reschedule(lease, lease.ttl * self.RENEW_FRACTION)
             return
         if lease.released:  # released while this renewal was on its way

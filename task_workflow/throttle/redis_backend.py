@@ -48,6 +48,12 @@ if count >= limit then
   end
 end
 if count >= limit then
+  -- A release may have handed this caller a slot since its last attempt: it holds it.
+  if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[4], ARGV[1])
+    return {1, 0}
+  end
   local waiter_ms = tonumber(ARGV[5])
   redis.call('ZADD', KEYS[3], now + waiter_ms, ARGV[1])
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
@@ -76,6 +82,9 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 if removed == 0 or redis.call('EXISTS', KEYS[3]) == 0 then
   return removed
 end
+-- Never hand the slot back to the releasing caller.
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)

@@ -6,6 +6,8 @@ import os
 import time
 
 from celery import shared_task
+from celery.signals import task_prerun
+from django.contrib.contenttypes.models import ContentType
 
 from task_workflow.tasks import throttle, transition
 
@@ -42,3 +44,13 @@ def hold_slot(name: str, key: str, seconds: float, concurrency: int = 1) -> int:
     with throttle(key=key, name=name, concurrency=concurrency, wait=None):
         time.sleep(seconds)
     return os.getpid()
+
+
+from . import throttle_tasks  # noqa: E402,F401
+
+
+@task_prerun.connect(weak=False)
+def _forget_content_types(**_: object) -> None:
+    """Test workers outlive database flushes between tests, which recreate content types
+    with new ids: forget cached ids so transition records point at existing rows."""
+    ContentType.objects.clear_cache()
