@@ -8,11 +8,12 @@ own database connection, so it only sees rows the test committed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 from django.conf import settings
 
-from tests.workers import TaskEvents, WorkerProcess, database_url
+from tests.workers import TaskEvents, WorkerProcess, database_url, iter_workers, stop_workers
 
 
 def _services_configured() -> bool:
@@ -85,14 +86,61 @@ def example_worker(django_db_setup, django_db_blocker, celery_app, task_events, 
     worker.stop()
 
 
+@pytest.fixture(scope="session")
+def worker_env(django_db_setup, django_db_blocker, redis_test_db_flushed) -> dict[str, str]:
+    """The environment of a worker on the test database and the test Redis (what
+    ``example_worker`` gets); add your own variables to it for a dedicated worker."""
+    from django.db import connection
+
+    if not _services_configured():
+        pytest.skip("needs PostgreSQL and Redis")
+    return {
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "REDIS_URL": settings.REDIS_URL,
+        "EXAMPLE_BACKEND_DELAY": str(settings.EXAMPLE_BACKEND_DELAY),
+    }
+
+
+@pytest.fixture(scope="module")
+def module_workers() -> Iterator[list[WorkerProcess]]:
+    """Workers a test module started (append them): stopped together, in parallel, when
+    the module ends (a warm shutdown takes seconds; one after the other adds up)."""
+    started: list[WorkerProcess] = []
+    yield started
+    stop_workers(*started)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Attach the end of the worker's log to the report of a failed test that used it."""
+    """Attach the end of the log of every worker a failed test used (``example_worker``
+    and any fixture value holding ``WorkerProcess`` objects, see ``iter_workers``)."""
     report = yield
-    worker = getattr(item, "funcargs", {}).get("example_worker")
-    if report.failed and isinstance(worker, WorkerProcess):
-        alive = "running" if worker.alive() else f"exited ({worker.process and worker.process.returncode})"
-        report.sections.append(
-            (f"celery worker {worker.hostname}: {alive}, log {worker.log_path}", worker.log_tail())
-        )
+    if report.failed:
+        seen: set[int] = set()
+        for value in getattr(item, "funcargs", {}).values():
+            for worker in iter_workers(value):
+                if id(worker) in seen:
+                    continue
+                seen.add(id(worker))
+                alive = (
+                    "running"
+                    if worker.alive()
+                    else f"exited ({worker.process and worker.process.returncode})"
+                )
+                report.sections.append(
+                    (f"celery worker {worker.hostname}: {alive}, log {worker.log_path}", worker.log_tail())
+                )
     return report
+
+
+@pytest.fixture(scope="session")
+def cache_tables(django_db_setup, django_db_blocker) -> None:
+    """The tables of every ``DatabaseCache`` in ``CACHES``, created once for the session
+    and committed (pytest-django creates model tables only; ``createcachetable`` skips
+    tables that exist and caches that are not database caches). On the SQLite run the
+    default cache, and so the throttle slots, live in one of these."""
+    from django.core.management import call_command
+
+    with django_db_blocker.unblock():
+        call_command("createcachetable", verbosity=0)

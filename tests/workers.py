@@ -197,6 +197,7 @@ class TaskEvents:
         self._names: dict[str, tuple[str, str]] = {}  # task id -> (name, args repr)
         self._finished: dict[str, dict[str, Any]] = {}  # task id -> final event
         self._handshakes: set[str] = set()
+        self._history: dict[str, list[dict[str, Any]]] = {}  # task id -> its events, in order
         self._receiver: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -206,11 +207,19 @@ class TaskEvents:
     def _on_received(self, event: dict[str, Any]) -> None:
         with self._cond:
             self._names[event["uuid"]] = (event.get("name") or "", event.get("args") or "")
+            self._history.setdefault(event["uuid"], []).append(event)
             self._cond.notify_all()
 
     def _on_finished(self, event: dict[str, Any]) -> None:
         with self._cond:
             self._finished[event["uuid"]] = event
+            self._history.setdefault(event["uuid"], []).append(event)
+            self._cond.notify_all()
+
+    def _on_progress(self, event: dict[str, Any]) -> None:
+        """``task-started`` and ``task-retried``: kept in the task's history only."""
+        with self._cond:
+            self._history.setdefault(event["uuid"], []).append(event)
             self._cond.notify_all()
 
     def _on_handshake(self, event: dict[str, Any]) -> None:
@@ -227,6 +236,8 @@ class TaskEvents:
                         "task-received": self._on_received,
                         "task-succeeded": self._on_finished,
                         "task-failed": self._on_finished,
+                        "task-started": self._on_progress,
+                        "task-retried": self._on_progress,
                         self.HANDSHAKE: self._on_handshake,
                     },
                 )
@@ -359,3 +370,208 @@ class TaskEvents:
             f"  {task_id} (no task-received seen) -> {self._finished[task_id]['type']}" for task_id in orphans
         )
         return "\n".join(lines) or "  (none)"
+
+    # -- queries by task id -------------------------------------------------------------
+
+    def history(self, task_id: str) -> list[dict[str, Any]]:
+        """Every event of task ``task_id`` seen so far (received, started, retried,
+        succeeded, failed), in arrival order. A re-queued message keeps its id, so one
+        id may have several deliveries."""
+        with self._cond:
+            return list(self._history.get(task_id, ()))
+
+    def wait_for_id(
+        self,
+        task_id: str,
+        types: Iterable[str] = ("task-succeeded", "task-failed"),
+        *,
+        count: int = 1,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Wait for the ``count``-th event of task ``task_id`` whose type is one of
+        ``types`` (e.g. ``("task-retried",)``) and return it; ``TimeoutError`` (with the
+        task's events so far) at the deadline."""
+        types = tuple(types)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                matching = [e for e in self._history.get(task_id, ()) if e["type"] in types]
+                if len(matching) >= count:
+                    return matching[count - 1]
+                self._raise_if_dead()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = [e["type"] for e in self._history.get(task_id, ())]
+                    raise TimeoutError(
+                        f"no {count}x {'/'.join(types)} event for task {task_id} within {timeout}s; "
+                        f"its events: {seen}"
+                    )
+                self._cond.wait(remaining)
+
+    def wait_for_ids(self, task_ids: Iterable[str], *, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+        """Wait until every task of ``task_ids`` finished (succeeded or failed); return
+        task id -> its final event."""
+        task_ids = list(task_ids)
+        pending = set(task_ids)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                pending -= set(self._finished)
+                if not pending:
+                    return {task_id: self._finished[task_id] for task_id in task_ids}
+                self._raise_if_dead()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{len(pending)} task(s) did not finish within {timeout}s, e.g. "
+                        + ", ".join(
+                            f"{t}: {[e['type'] for e in self._history.get(t, ())]}" for t in list(pending)[:5]
+                        )
+                    )
+                self._cond.wait(remaining)
+
+
+def start_workers(*workers: WorkerProcess) -> tuple[WorkerProcess, ...]:
+    """Start several workers at once (each ``start()`` in its own thread) and return
+    them once all answer a ping; if one fails, stop them all and raise its error."""
+    errors: list[BaseException] = []
+
+    def start(worker: WorkerProcess) -> None:
+        try:
+            worker.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(worker,)) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        for worker in workers:
+            worker.stop()
+        raise errors[0]
+    return workers
+
+
+def stop_workers(*workers: WorkerProcess) -> None:
+    """Warm-shut several workers down at once (each ``stop()`` in its own thread)."""
+    threads = [threading.Thread(target=worker.stop) for worker in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def iter_workers(value: Any) -> Iterable[WorkerProcess]:
+    """The ``WorkerProcess`` objects in a fixture value: the value itself, the items of
+    a list/tuple, or its ``workers`` attribute."""
+    if isinstance(value, WorkerProcess):
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from iter_workers(item)
+    elif isinstance(getattr(value, "workers", None), list | tuple):
+        yield from iter_workers(value.workers)
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1:``port`` (no persistence), which a test
+    may stop and start again on the same port. Its output goes to
+    ``test-artifacts/redis-<name>.log``."""
+
+    port: int
+    name: str = "throttle"
+    start_timeout: float = 10.0
+    process: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = ARTIFACTS_DIR / f"redis-{self.name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> Any:
+        """A client that fails at once (no retries with backoff) when the server is down."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=1,
+            socket_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    def start(self) -> RedisServer:
+        """Start the server and return once it answers ``PING``."""
+        if self.alive():
+            raise WorkerError(f"redis-server on port {self.port} is already running")
+        import redis
+
+        ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(ARTIFACTS_DIR)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout
+        client = self.client()
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise WorkerError(
+                        f"redis-server on port {self.port} exited with {self.process.returncode}:\n"
+                        f"{log_tail(self.log_path)}"
+                    )
+                try:
+                    if client.ping():
+                        return self
+                except redis.exceptions.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise WorkerError(f"redis-server on port {self.port} did not answer within the deadline")
+                time.sleep(0.02)  # readiness poll of a starting server; no event to wait for
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """``SHUTDOWN NOSAVE`` and wait for the process to exit."""
+        import redis
+
+        if not self.alive():
+            return
+        client = self.client()
+        try:
+            client.shutdown(nosave=True)
+        except redis.exceptions.ConnectionError:
+            pass  # the server closes the connection as it exits
+        finally:
+            client.close()
+        assert self.process is not None
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None

@@ -282,18 +282,31 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             raise
         except Exception as exc:
             logger.error("Throttle %s: slot store unreachable (%s); not running unthrottled", group, exc)
-            if task is None or task.request.is_eager:
+            if task is None:
                 raise ThrottleUnavailable(f"throttle {group}: slot store unreachable: {exc}") from exc
-            raise requeue(task, f"throttle {group}: slot store unreachable") from exc
+            raise self._requeue(
+                task, f"throttle {group}: slot store unreachable", ThrottleUnavailable
+            ) from exc
         if not result.acquired:
-            # Eager runs (apply(), ALWAYS_EAGER) would re-run at once, recursing: raise instead.
-            if task is None or task.request.is_eager:
+            if task is None:
                 raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
-            raise requeue(task, f"throttle {group}: all {self.concurrency} slots busy")
+            raise self._requeue(task, f"throttle {group}: all {self.concurrency} slots busy", ThrottleTimeout)
         lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
         lease_renewer.add(lease)
         slot_acquired.send(sender=group, lease=lease)
         return lease
+
+    #: Eager runs (``apply()``, ALWAYS_EAGER) re-run a re-queued task at once, without a
+    #: countdown; past this many re-runs a still-busy slot raises instead of recursing.
+    EAGER_REQUEUES = 3
+
+    @classmethod
+    def _requeue(cls, task: Task, reason: str, error: type[TaskWorkflowError]) -> Retry:
+        request = task.request
+        attempts = int((request.headers or {}).get(THROTTLE_ATTEMPT_HEADER) or 0)
+        if request.is_eager and attempts >= cls.EAGER_REQUEUES:
+            raise error(f"{reason}; gave up after {cls.EAGER_REQUEUES} eager re-runs")
+        return requeue(task, reason)
 
     def _group_name(self, task: Task | None) -> str:
         if self.name is not None:
