@@ -577,3 +577,29 @@ def test_concurrent_holders_never_exceed_the_limit(threaded_backend):
     assert state["max"] == concurrency, "the limit was never reached: the test proves nothing"
     assert state["late_releases"] == 0
     assert tokens_of(backend, group) == set()
+
+
+@pytest.mark.services
+def test_redis_handoff_gives_a_short_claim_that_the_waiter_extends(redis_only_backend):
+    """A release hands the slot to a registered waiter with a claim of at most CLAIM_MS
+    (a waiter that died while blocked does not sit on it for its whole lease); the woken
+    waiter holds the slot without another acquire and extends the claim to its lease."""
+    backend = redis_only_backend
+    group = new_group()
+    holder = take(backend, group, ttl=60.0)
+    waiter = uuid.uuid4().hex
+    refused = backend.acquire(group, waiter, 1, 60.0, metadata(group, 1, 60.0))
+    assert not refused.acquired
+
+    assert backend.release(group, holder.token, holder.slot)
+    assert backend.wait_for_release(group, waiter, 1.0) is True
+    [slot] = [s for s in backend.held_slots() if s.group == group]
+    assert slot.token == waiter
+    assert slot.expires_in <= backend.CLAIM_MS / 1000 + 0.1
+
+    assert backend.renew(group, waiter, "", 60.0)
+    [slot] = [s for s in backend.held_slots() if s.group == group]
+    assert slot.expires_in > 50
+    # Its own release does not hand the slot back to itself.
+    assert backend.release(group, waiter, "")
+    assert tokens_of(backend, group) == set()

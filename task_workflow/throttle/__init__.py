@@ -356,10 +356,15 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 # A release may have handed us the slot just now: then we hold it.
-                return AcquireResult(True) if backend.cancel_wait(group, token) else result
+                if backend.cancel_wait(group, token) and backend.renew(group, token, "", ttl):
+                    return AcquireResult(True)
+                return result
             # Sleep until a release wakes us (on Redis it hands us the slot), the earliest
             # lease may expire, or the wait ends; a short cap keeps each blocking call
             # under any client socket timeout and refreshes our waiter registration.
             timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
-            if backend.wait_for_release(group, token, max(timeout, 0.001)):
+            # Handed a slot with a short claim: extend it to our own lease right away.
+            if backend.wait_for_release(group, token, max(timeout, 0.001)) and backend.renew(
+                group, token, "", ttl
+            ):
                 return AcquireResult(True)

@@ -50,6 +50,7 @@ end
 if count >= limit then
   -- A release may have handed this caller a slot since its last attempt: it holds it.
   if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('HDEL', KEYS[4], ARGV[1])
     return {1, 0}
@@ -72,7 +73,7 @@ end
 return {1, 0}
 """
 
-# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, wake key prefix.
+# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, wake key prefix, claim_ms.
 # Returns 1 when the token held a slot. The freed slot goes straight to the waiter that
 # has waited longest among the live ones: it is added as a holder with its own lease and
 # metadata, and woken on its personal list, so it holds the slot when BLPOP returns.
@@ -104,7 +105,9 @@ if not entry then
   return removed
 end
 local space = string.find(entry, ' ', 1, true)
-local ttl = tonumber(string.sub(entry, 1, space - 1))
+-- A short claim: the woken waiter extends it to its own lease at once, and a waiter that
+-- died while blocked does not sit on the slot for a whole lease.
+local ttl = math.min(tonumber(string.sub(entry, 1, space - 1)), tonumber(ARGV[3]))
 redis.call('ZADD', KEYS[1], now + ttl, waiter)
 redis.call('HSET', KEYS[2], waiter, string.sub(entry, space + 1))
 if redis.call('PTTL', KEYS[1]) < ttl then
@@ -174,6 +177,9 @@ class RedisThrottleBackend(ThrottleBackend):
     #: every attempt, at least once a second (the longest single BLPOP).
     WAITER_MS = 3000
 
+    #: Milliseconds a handed-over slot is held before its new holder extends the lease.
+    CLAIM_MS = 5000
+
     def _keys(self, group: SlotGroup) -> tuple[str, str, str, str]:
         """holders, meta, waiters, waiter_meta: one hash tag, so one Redis Cluster slot."""
         base = f"{self.key_prefix}{{{group.digest}}}"
@@ -197,7 +203,9 @@ class RedisThrottleBackend(ThrottleBackend):
         return AcquireResult(bool(acquired), None if acquired else max(int(wait_ms), 0) / 1000)
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        return bool(self._release(keys=list(self._keys(group)), args=[token, self._wake_prefix(group)]))
+        return bool(
+            self._release(keys=list(self._keys(group)), args=[token, self._wake_prefix(group), self.CLAIM_MS])
+        )
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
         holders, meta, _, _ = self._keys(group)
