@@ -47,7 +47,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/task_workflow_bench"
@@ -57,28 +56,6 @@ TARGET_S = 1.0
 TTL = 900.0
 TASK_NAMES = 20
 DB_CACHE_ALIAS = "bench_db_locks"
-
-
-def ensure_database(url: str) -> None:
-    """Create the database named in ``url`` unless it exists (connecting to ``postgres``)."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = unquote(parts.path.lstrip("/"))
-    params: dict[str, Any] = {
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
-        "user": unquote(parts.username or "postgres"),
-        "dbname": "postgres",
-        "autocommit": True,
-    }
-    if parts.password:
-        params["password"] = unquote(parts.password)
-    with psycopg.connect(**params) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"created database {name}")
 
 
 def setup_django(url: str) -> None:
@@ -283,6 +260,10 @@ def main() -> None:
     args = parser.parse_args()
 
     url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.support import ensure_database
+
     ensure_database(url)
     setup_django(url)
     from django.conf import settings

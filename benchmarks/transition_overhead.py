@@ -47,33 +47,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/task_workflow_bench"
 TARGET = 1.10
-
-
-def ensure_database(url: str) -> None:
-    """Create the database named in ``url`` unless it exists (connecting to ``postgres``)."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = unquote(parts.path.lstrip("/"))
-    params = {
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
-        "user": unquote(parts.username or "postgres"),
-        "dbname": "postgres",
-        "autocommit": True,
-    }
-    if parts.password:
-        params["password"] = unquote(parts.password)
-    with psycopg.connect(**params) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"created database {name}")
 
 
 def setup_django(url: str) -> None:
@@ -250,6 +227,10 @@ def main() -> None:
     args = parser.parse_args()
 
     url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.support import ensure_database
+
     ensure_database(url)
     setup_django(url)
     from django.db import connection
