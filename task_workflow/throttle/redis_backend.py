@@ -159,6 +159,9 @@ return 1
 
 HOLDERS_SUFFIX = ":holders"
 
+#: The result of every successful acquire (immutable, so one object serves all).
+ACQUIRED = AcquireResult(True)
+
 
 class RedisThrottleBackend(ThrottleBackend):
     """Slots in Redis, reached through the raw client of a django-redis cache."""
@@ -172,6 +175,7 @@ class RedisThrottleBackend(ThrottleBackend):
         self._release = client.register_script(RELEASE_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
         self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
+        self._key_cache: dict[SlotGroup, list[str]] = {}
 
     #: Milliseconds a refused caller stays registered as a waiter; waiters re-register on
     #: every attempt, at least once a second (the longest single BLPOP).
@@ -180,10 +184,19 @@ class RedisThrottleBackend(ThrottleBackend):
     #: Milliseconds a handed-over slot is held before its new holder extends the lease.
     CLAIM_MS = 5000
 
-    def _keys(self, group: SlotGroup) -> tuple[str, str, str, str]:
+    def _keys(self, group: SlotGroup) -> list[str]:
         """holders, meta, waiters, waiter_meta: one hash tag, so one Redis Cluster slot."""
-        base = f"{self.key_prefix}{{{group.digest}}}"
-        return f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:waiter_meta"
+        keys = self._key_cache.get(group)
+        if keys is None:
+            base = f"{self.key_prefix}{{{group.digest}}}"
+            keys = [f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:waiter_meta"]
+            if len(self._key_cache) >= self.KEY_CACHE_SIZE:
+                self._key_cache.clear()
+            self._key_cache[group] = keys
+        return keys
+
+    #: Groups whose key names are kept (per-entity keys make many groups; cleared when full).
+    KEY_CACHE_SIZE = 4096
 
     def _wake_prefix(self, group: SlotGroup) -> str:
         return f"{self.key_prefix}{{{group.digest}}}:wake:"
@@ -197,18 +210,18 @@ class RedisThrottleBackend(ThrottleBackend):
         metadata: dict[str, Any],
     ) -> AcquireResult:
         acquired, wait_ms = self._acquire(
-            keys=list(self._keys(group)),
+            keys=self._keys(group),
             args=[token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata), self.WAITER_MS],
         )
-        return AcquireResult(bool(acquired), None if acquired else max(int(wait_ms), 0) / 1000)
+        return ACQUIRED if acquired else AcquireResult(False, max(int(wait_ms), 0) / 1000)
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
         return bool(
-            self._release(keys=list(self._keys(group)), args=[token, self._wake_prefix(group), self.CLAIM_MS])
+            self._release(keys=self._keys(group), args=[token, self._wake_prefix(group), self.CLAIM_MS])
         )
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
-        holders, meta, _, _ = self._keys(group)
+        holders, meta = self._keys(group)[:2]
         return bool(self._renew(keys=[holders, meta], args=[token, math.ceil(ttl * 1000)]))
 
     def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
