@@ -71,9 +71,12 @@ def setup_django(url: str) -> None:
 
 
 def make_variants() -> dict[str, Callable[[str], Any]]:
+    from django.contrib.contenttypes.models import ContentType
     from django.db import transaction
 
     from example_project.models import Instance
+    from task_workflow.conf import get_setting
+    from task_workflow.models import TransitionRecord
     from task_workflow.tasks import transition
 
     def body(instance_uuid: str, transition_entity: Instance | None = None) -> None:
@@ -81,11 +84,23 @@ def make_variants() -> dict[str, Callable[[str], Any]]:
 
     decorated = transition(Instance, "begin_stopping")(body)
 
+    history = get_setting("TRANSITION_HISTORY")
+
     def hand_written(instance_uuid: str) -> None:
         with transaction.atomic():
             inst = Instance.objects.select_for_update().get(uuid=instance_uuid)
+            source = inst.state
             inst.begin_stopping()
             inst.save()
+            if history:  # the same history row the decorator writes
+                TransitionRecord.objects.create(
+                    content_type=ContentType.objects.get_for_model(Instance, for_concrete_model=False),
+                    object_id=str(inst.pk),
+                    entity_uuid=inst.uuid,
+                    transition="begin_stopping",
+                    source_state=source,
+                    target_state=inst.state,
+                )
         body(instance_uuid, transition_entity=inst)
 
     return {"decorated": decorated, "hand-written": hand_written}
@@ -224,6 +239,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--ops", type=int, default=300, help="transitions per variant per round")
+    parser.add_argument(
+        "--no-history",
+        action="store_true",
+        help="TRANSITION_HISTORY off (both variants skip the history row)",
+    )
     args = parser.parse_args()
 
     url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
@@ -233,8 +253,11 @@ def main() -> None:
 
     ensure_database(url)
     setup_django(url)
+    from django.conf import settings
     from django.db import connection
 
+    settings.TASK_WORKFLOW = {**settings.TASK_WORKFLOW, "TRANSITION_HISTORY": not args.no_history}
+    print(f"transition history: {'off' if args.no_history else 'on (both variants write the history row)'}")
     variants = make_variants()
     names = list(variants)
     uuids = make_rows(args.ops * len(names))
