@@ -335,20 +335,21 @@ def transition(
             except TypeError as exc:
                 raise TypeError(f"{func.__qualname__}: {exc}") from None
             task = running_task(run_with_transition)
-            marker_key = _marker_key(model, parse_entity_uuid(model, entity_uuid), transition_name)
+            key = parse_entity_uuid(model, entity_uuid)
+            marker_key = _marker_key(model, key, transition_name)
             applied_state = _applied_state(task, marker_key)
             if applied_state is None:
-                entity = apply_transition(model, entity_uuid, transition_name)
+                entity = apply_transition(model, key, transition_name)
                 _record_applied(task, marker_key, entity.state)  # type: ignore[attr-defined]
             else:
-                entity = _load_unchanged(model, entity_uuid, transition_name, applied_state)
+                entity = _load_unchanged(model, key, transition_name, applied_state)
             try:
                 return func(*args, **kwargs, **{ENTITY_ARGUMENT: entity})
             except CONTROL_FLOW_EXCEPTIONS:
                 raise
             except Exception as exc:
                 if on_error is not None:
-                    apply_error_transition(model, entity_uuid, on_error, exc)
+                    apply_error_transition(model, key, on_error, exc)
                 raise
 
         run_with_transition.__signature__ = public_signature  # type: ignore[attr-defined]
