@@ -40,6 +40,7 @@ from task_workflow.models import ThrottleLock, TransitionRecord
 from task_workflow.tasks import apply_transition, error_transition, throttle
 from task_workflow.throttle import HeldSlot, Lease, RedisThrottleBackend, SlotGroup, get_backend
 from task_workflow.throttle import cache_backend as cache_backend_module
+from task_workflow.throttle import database_backend as database_backend_module
 from tests.testapp.models import Volume
 
 States = Instance.States
@@ -459,6 +460,7 @@ def make_expired_slot(slots: Slots, name: str, monkeypatch: pytest.MonkeyPatch) 
         behind = SimpleNamespace(time=lambda: time.time() - 100, sleep=time.sleep)
         with monkeypatch.context() as patch:
             patch.setattr(cache_backend_module, "time", behind)
+            patch.setattr(database_backend_module, "time", behind)
             lapsed = slots.write(name, "g", concurrency=3, ttl=60, task_id="lapsed-holder")
     deadline = time.monotonic() + 5
     while not held_slot(lapsed.token).expired:  # at most a few ms

@@ -28,6 +28,7 @@ from redis.crc import key_slot
 
 from task_workflow.throttle import (
     CacheThrottleBackend,
+    DatabaseCacheThrottleBackend,
     RedisThrottleBackend,
     SlotGroup,
     ThrottleBackend,
@@ -53,13 +54,14 @@ def redis_backend():
         client.close()
 
 
-def database_cache_backend():
-    """A CacheThrottleBackend on a DatabaseCache (the test provides database access)."""
+def database_cache_backend(backend_class=CacheThrottleBackend):
+    """A generic backend (or the upsert one) on a DatabaseCache (the test provides
+    database access)."""
     call_command("createcachetable", CACHE_TABLE, verbosity=0)
     # No culling: DatabaseCache deletes live entries once it holds more than MAX_ENTRIES.
     cache = DatabaseCache(CACHE_TABLE, {"KEY_PREFIX": uuid.uuid4().hex, "OPTIONS": {"MAX_ENTRIES": 10**9}})
     try:
-        yield CacheThrottleBackend(cache)
+        yield backend_class(cache)
     finally:
         cache.clear()
 
@@ -71,12 +73,15 @@ def backend_params(*, threads: bool):
     return [
         pytest.param("redis", marks=pytest.mark.services),
         pytest.param("database-cache", marks=database),
+        pytest.param("database-upsert", marks=database),
     ]
 
 
 def make_backend(kind):
     if kind == "redis":
         yield from redis_backend()
+    elif kind == "database-upsert":
+        yield from database_cache_backend(DatabaseCacheThrottleBackend)
     else:
         yield from database_cache_backend()
 

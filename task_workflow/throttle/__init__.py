@@ -45,11 +45,13 @@ from ..signals import slot_acquired
 from ..transitions import running_task
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 from .cache_backend import CacheThrottleBackend
+from .database_backend import DatabaseCacheThrottleBackend
 from .lease import Lease, lease_renewer
 from .redis_backend import RedisThrottleBackend
 
 __all__ = [
     "CacheThrottleBackend",
+    "DatabaseCacheThrottleBackend",
     "HeldSlot",
     "Lease",
     "RedisThrottleBackend",
@@ -115,6 +117,8 @@ def _build_backend(alias: str) -> ThrottleBackend:
         return RedisThrottleBackend(cache.client.get_client(write=True), key_prefix)
     if isinstance(cache, BuiltinRedisCache):
         return RedisThrottleBackend(cache._cache.get_client(None, write=True), key_prefix)
+    if DatabaseCacheThrottleBackend.supports(cache):
+        return DatabaseCacheThrottleBackend(cast(Any, cache))
     return CacheThrottleBackend(cache)
 
 

@@ -49,6 +49,10 @@ class CacheThrottleBackend(ThrottleBackend):
             if self.cache.add(self._slot_key(group, slot), lease, timeout=ttl):
                 self._register(group, metadata)
                 return AcquireResult(True, slot=str(slot))
+        return self._refused(group, concurrency)
+
+    def _refused(self, group: SlotGroup, concurrency: int) -> AcquireResult:
+        """A refusal, with how long until the earliest current lease ends."""
         held = self.cache.get_many([self._slot_key(group, slot) for slot in range(concurrency)])
         deadlines = [value["deadline"] for value in held.values() if isinstance(value, dict)]
         retry_after = max(min(deadlines) - time.time(), 0.0) if deadlines else 0.0
