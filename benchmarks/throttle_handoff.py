@@ -16,7 +16,9 @@ too, since the wake-up is sent from inside it.
 
 On Redis, iterations alternate with a redis-py floor of the same shape ("raw"): hold with
 ``SET NX PX``, release with ``DEL`` + ``RPUSH`` (one pipelined round trip), and the waiter
-tries ``SET NX``, blocks in ``BLPOP``, tries again. Both are measured by the same process
+tries ``SET NX``, blocks in ``BLPOP``, tries again. The throttle's waiter needs no second
+try: the release made it the holder (under a short claim, which its lease renewer thread
+extends right after), so it can come in under the floor. Both are measured by the same process
 pair under the same conditions, so ``throttle / raw`` is the library's own share. The
 PING line shows this machine's wake-up cost: a round trip after 20 ms idle (Redis and the
 client asleep) is far slower than back to back, and every handoff starts from idle.

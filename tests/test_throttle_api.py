@@ -43,7 +43,7 @@ from task_workflow.throttle import (
     get_backend,
     requeue,
 )
-from task_workflow.throttle.lease import lease_renewer
+from task_workflow.throttle.lease import LeaseRenewer, lease_renewer
 from task_workflow.transitions import APPLIED_TRANSITIONS_HEADER
 from tests.testapp.models import BodyRun, Volume
 
@@ -129,6 +129,12 @@ def store(request):
 def threaded_store(request):
     """A slot store used by other threads too (waiters, the lease renewer)."""
     yield from make_store(request.param)
+
+
+@pytest.fixture
+def redis_store():
+    """The Redis slot store alone (handoffs exist there only)."""
+    yield from make_store("redis")
 
 
 def make_store(kind):
@@ -327,6 +333,67 @@ def test_wait_none_waits_until_another_thread_releases(threaded_store):
     assert store.tokens(name) == set()
 
 
+def handoff_with_recorded_renewals(store: Store, monkeypatch) -> tuple[str, list[tuple[str, str]]]:
+    """A waiter thread blocks for a slot; the holder releases; the slot is handed over.
+
+    Returns the waiter's token and the renewals made (token, thread name) until the
+    waiter's lease was first renewed."""
+    name = unique_name()
+    backend = store.backend
+    renewals: list[tuple[str, str]] = []
+    renewed, waiting = threading.Event(), threading.Event()
+    renew, wait_for_release = backend.renew, backend.wait_for_release
+
+    def recording_renew(group, token, slot, ttl):
+        result = renew(group, token, slot, ttl)
+        renewals.append((token, threading.current_thread().name))
+        renewed.set()
+        return result
+
+    def signalling_wait(group, token, timeout):
+        waiting.set()
+        return wait_for_release(group, token, timeout)
+
+    monkeypatch.setattr(backend, "renew", recording_renew)
+    monkeypatch.setattr(backend, "wait_for_release", signalling_wait)
+    holder = throttle(name=name, ttl=30).acquire()
+
+    def wait_for_slot():
+        with throttle(name=name, wait=None, ttl=30) as lease:
+            assert renewed.wait(5), "the handed-over claim was never extended"
+            [slot] = [s for s in backend.held_slots() if s.token == lease.token]
+            assert slot.expires_in > 25, "the claim was not extended to the holder's lease"
+            return lease.token
+
+    thread, outcome = run_in_thread(wait_for_slot)
+    assert waiting.wait(5)
+    holder.release()
+    thread.join(10)
+    assert isinstance(outcome[0], str), outcome
+    return outcome[0], renewals
+
+
+@pytest.mark.services
+@pytest.mark.django_db
+def test_handed_over_slot_is_held_at_once_and_its_claim_extended_in_the_background(redis_store, monkeypatch):
+    """On Redis a release hands the slot to the waiter under a short claim. The waiter
+    holds it when woken; the lease renewer, not the waiter, extends the claim."""
+    token, renewals = handoff_with_recorded_renewals(redis_store, monkeypatch)
+    assert renewals[0] == (token, "task-workflow-lease-renewer")
+
+
+@pytest.mark.services
+@pytest.mark.django_db
+def test_handed_over_slot_woken_late_is_extended_before_it_is_used(redis_store, monkeypatch):
+    """A waiter woken long after the release (as if descheduled for most of the claim)
+    extends the claim itself before it counts as holding the slot."""
+    # No claim left to trust: every wake-up is "late" now.
+    monkeypatch.setattr(RedisThrottleBackend, "handoff_claim", 0.0)
+    token, renewals = handoff_with_recorded_renewals(redis_store, monkeypatch)
+    assert renewals[0][0] == token
+    assert renewals[0][1] != "task-workflow-lease-renewer"
+
+
 def test_defaults_are_read_from_settings_at_call_time(store):
     name = unique_name()
     guarded = throttle(name=name)  # wait and ttl from TASK_WORKFLOW, when used
@@ -472,6 +539,89 @@ def test_force_released_lease_is_flagged_lost_and_its_late_release_is_harmless(t
         assert store.tokens(name) == {successor.token}
     finally:
         successor.release()
+
+
+class RecordingRenewals:
+    """A fake backend for the renewer alone: records which tokens were renewed, and when."""
+
+    def __init__(self) -> None:
+        self.renewed: dict[str, threading.Event] = {}
+
+    def lease(self, token: str, ttl: float) -> Lease:
+        self.renewed[token] = threading.Event()
+        return Lease(backend=self, group=SlotGroup("tests.api.renewer"), token=token, slot="", ttl=ttl)
+
+    def renew(self, group, token, slot, ttl):
+        self.renewed[token].set()
+        return True
+
+
+class CountingCondition(threading.Condition):
+    def __init__(self) -> None:
+        super().__init__()
+        self.notified = 0
+
+    def notify(self, n: int = 1) -> None:
+        self.notified += 1
+        super().notify(n)
+
+
+@pytest.fixture
+def renewer():
+    """A private renewer whose wake-ups (notify calls) are counted."""
+    renewer = LeaseRenewer()
+    renewer._condition = CountingCondition()
+    yield renewer
+    with renewer._condition:
+        renewer._due.clear()
+
+
+def wait_until_sleeping(renewer: LeaseRenewer, until: float) -> None:
+    """Until the renewer thread has gone to sleep with its next wake-up at ``until``."""
+    deadline = time.monotonic() + 5
+    while not (renewer._wake_at == until and renewer._condition._waiters):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the renewer thread never went to sleep"
+        time.sleep(0.005)
+
+
+def test_renewer_is_woken_only_by_a_lease_due_before_its_next_wake_up(renewer):
+    backend = RecordingRenewals()
+    first = backend.lease("first", ttl=30.0)
+    renewer.add(first)  # starts the thread
+    wait_until_sleeping(renewer, renewer._due[first])
+    woken = renewer._condition.notified
+
+    # Same TTL, taken later: due after the thread's wake-up, so it is not woken.
+    for n in range(20):
+        renewer.add(backend.lease(f"same-{n}", ttl=30.0))
+    assert renewer._condition.notified == woken
+
+    # A shorter lease is due first: the thread is woken and renews it in time.
+    short = backend.lease("short", ttl=0.3)
+    renewer.add(short)
+    assert renewer._condition.notified == woken + 1
+    assert backend.renewed["short"].wait(5)
+    assert not backend.renewed["first"].is_set()
+
+
+def test_idle_renewer_sleeps_its_idle_period_and_renews_a_new_lease_in_time(renewer):
+    backend = RecordingRenewals()
+    lease = backend.lease("one", ttl=3.0)  # renewed every second: the idle period
+    renewer.add(lease)
+    assert backend.renewed["one"].wait(5)
+    renewer.discard(lease)
+    # Idle now: it wakes on its own after the idle period, not for every new lease.
+    deadline = time.monotonic() + 5
+    while not (renewer._condition._waiters and not renewer._due and renewer._wake_at > time.monotonic()):  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the renewer thread never went idle"
+        time.sleep(0.005)
+    woken = renewer._condition.notified
+
+    again = backend.lease("again", ttl=3.0)
+    renewer.add(again)
+
+    assert renewer._condition.notified == woken
+    assert backend.renewed["again"].wait(5), "a lease taken while the renewer slept was not renewed"
 
 
 def test_signals_are_sent_once_per_acquire_and_release(store):

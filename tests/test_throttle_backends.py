@@ -428,6 +428,32 @@ def test_redis_keys_of_a_group_share_one_hash_tag(redis_only_backend):
 
 
 @pytest.mark.services
+def test_redis_scripts_flushed_from_the_server_are_loaded_again(redis_only_backend):
+    """A Redis restart or failover forgets loaded scripts (``EVALSHA`` answers NOSCRIPT):
+    acquire and release load them again instead of failing."""
+    backend = redis_only_backend
+    group = new_group()
+    backend.client.script_flush()
+    holder = take(backend, group, 1)
+    assert not acquire(backend, group, 1)[1].acquired
+    backend.client.script_flush()
+    assert backend.release(group, holder.token, holder.slot) is True
+    assert tokens_of(backend, group) == set()
+
+
+@pytest.mark.services
+def test_redis_refused_acquire_reports_when_the_earliest_lease_runs_out(redis_only_backend):
+    backend = redis_only_backend
+    group = new_group()
+    take(backend, group, 1, ttl=30.0)
+    waiter = uuid.uuid4().hex
+    result = backend.acquire(group, waiter, 1, 30.0, metadata(group, 1, 30.0))
+    backend.cancel_wait(group, waiter)
+    assert result.acquired is False
+    assert 28.0 < result.retry_after <= 30.0
+
+
+@pytest.mark.services
 def test_redis_wait_for_release_wakes_on_a_release(redis_only_backend):
     backend = redis_only_backend
     assert backend.wakes_waiters is True

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import socket
 import threading
 import time
@@ -80,6 +81,10 @@ HOSTNAME = socket.gethostname()
 
 #: Message header counting throttle re-queues (drives the backoff; not ``retries``).
 THROTTLE_ATTEMPT_HEADER = "task_workflow_throttle_attempt"
+
+
+#: The result of a wait that ended with a slot handed over by a release.
+HANDED_OVER = AcquireResult(True, handed_over=True)
 
 
 class ThrottleTimeout(TaskWorkflowError):
@@ -270,7 +275,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         ttl = float(get_setting("LOCK_TTL") if isinstance(self.ttl, _FromSettings) else self.ttl)
         wait = get_setting("THROTTLE_WAIT") if isinstance(self.wait, _FromSettings) else self.wait
         backend = get_backend(self.cache)
-        token = uuid_module.uuid4().hex
+        token = secrets.token_hex(16)  # an owner token, as unguessable as a uuid4
         metadata = {
             "task_name": group.task_name,
             "key": group.key,
@@ -296,7 +301,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
                 raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
             raise self._requeue(task, f"throttle {group}: all {self.concurrency} slots busy", ThrottleTimeout)
         lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
-        lease_renewer.add(lease)
+        lease_renewer.add(lease, renew_now=result.handed_over)
         slot_acquired.send(sender=group, lease=lease)
         return lease
 
@@ -367,8 +372,13 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             # lease may expire, or the wait ends; a short cap keeps each blocking call
             # under any client socket timeout and refreshes our waiter registration.
             timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
-            # Handed a slot with a short claim: extend it to our own lease right away.
-            if backend.wait_for_release(group, token, max(timeout, 0.001)) and backend.renew(
-                group, token, "", ttl
-            ):
-                return AcquireResult(True)
+            waited_from = time.monotonic()
+            if backend.wait_for_release(group, token, max(timeout, 0.001)):
+                # Handed the slot under a short claim. Woken well within the claim, we hold
+                # it now and the lease renewer extends it at once, off this thread's path
+                # (the handoff costs the wake-up alone); else the claim may have lapsed
+                # while this process was descheduled: extend it here first.
+                if time.monotonic() - waited_from < min(ttl, backend.handoff_claim) / 2:
+                    return HANDED_OVER
+                if backend.renew(group, token, "", ttl):
+                    return AcquireResult(True)

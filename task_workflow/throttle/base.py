@@ -48,6 +48,9 @@ class AcquireResult:
     retry_after: float | None = None
     #: Which slot was taken, for backends with numbered slots (passed back on release).
     slot: str = ""
+    #: A release handed the slot over under a short claim: the new holder extends it to
+    #: its own lease at once.
+    handed_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ class ThrottleBackend(abc.ABC):
     #: Whether :meth:`wait_for_release` is woken by releases (else it sleeps a while).
     wakes_waiters: bool = False
 
+    #: Seconds (at most; never more than the waiter's ``ttl``) that a slot handed over by
+    #: a release is held before its new holder must renew it.
+    handoff_claim: float = 0.0
+
     @abc.abstractmethod
     def acquire(
         self,
@@ -134,7 +141,8 @@ class ThrottleBackend(abc.ABC):
         """Block until a slot of ``group`` may have been freed, or ``timeout`` seconds.
 
         Returns ``True`` when a release handed the slot to ``token`` (a refused caller of
-        :meth:`acquire`): the caller holds it now and must not acquire again.
+        :meth:`acquire`): the caller holds it now, under a short claim that it extends
+        with :meth:`renew` at once, and must not acquire again.
         """
 
     def cancel_wait(self, group: SlotGroup, token: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -54,25 +55,43 @@ class LeaseRenewer:
     """One daemon thread per process renews every held lease about every ``ttl / 3``.
 
     Started lazily, and again in a forked child (prefork workers), since threads do not
-    survive ``fork``.
+    survive ``fork``. An acquire wakes the thread only when the new lease is due before
+    the thread's next wake-up: waking a thread on every acquire costs a context switch
+    and a GIL handoff, about as much as the acquire's own round trip.
     """
 
     #: Fraction of the TTL between renewals: two renewals may fail before the lease ends.
     RENEW_FRACTION = 1 / 3
 
+    #: Shortest idle sleep in seconds; a shorter lease taken meanwhile wakes the thread.
+    IDLE_PERIOD_FLOOR = 1.0
+
     def __init__(self) -> None:
         self._due: dict[Lease, float] = {}
         self._condition = threading.Condition()
         self._pid: int | None = None
+        #: ``time.monotonic()`` at which the thread wakes next on its own.
+        self._wake_at = math.inf
+        #: How long the thread sleeps when idle: the shortest renewal period seen (at
+        #: least a second), so a lease taken while it sleeps is due after it wakes.
+        self._idle_period = math.inf
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: Lease, *, renew_now: bool = False) -> None:
+        """Renew ``lease`` every ``ttl / 3`` from now on; first at once with ``renew_now``
+        (a slot handed over under a short claim)."""
         with self._condition:
             if self._pid != os.getpid():
                 self._due.clear()  # leases inherited through fork belong to the parent
                 self._pid = os.getpid()
+                self._wake_at = math.inf
                 threading.Thread(target=self._run, name="task-workflow-lease-renewer", daemon=True).start()
-            self._due[lease] = time.monotonic() + lease.ttl * self.RENEW_FRACTION
-            self._condition.notify()
+            period = lease.ttl * self.RENEW_FRACTION
+            due = time.monotonic() + (0.0 if renew_now else period)
+            self._due[lease] = due
+            self._idle_period = min(self._idle_period, max(period, self.IDLE_PERIOD_FLOOR))
+            if due < self._wake_at:
+                self._wake_at = due
+                self._condition.notify()
 
     def discard(self, lease: Lease) -> None:
         with self._condition:
@@ -89,8 +108,8 @@ class LeaseRenewer:
                 now = time.monotonic()
                 due = [lease for lease, at in self._due.items() if at <= now]
                 if not due:
-                    next_at = min(self._due.values(), default=None)
-                    self._condition.wait(None if next_at is None else next_at - now)
+                    self._wake_at = min(self._due.values(), default=now + self._idle_period)
+                    self._condition.wait(self._wake_at - now if self._wake_at < math.inf else None)
                     continue
             for lease in due:
                 self._renew(lease)

@@ -24,15 +24,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from redis import Redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.typing import EncodableT
 
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 
-# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, concurrency, ttl_ms,
-# metadata JSON, waiter_ms (how long a refused caller stays registered as waiting).
-# Returns {1, 0} when acquired, else {0, ms until the earliest lease runs out}.
-# Expired leases are swept only when the group looks full, so the common uncontended
-# acquire is ZCARD + ZADD + HSET. A refused caller is registered as a waiter (with its
-# lease length and metadata) so that a release can hand it the slot directly.
+# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, concurrency, ttl_ms, metadata
+# JSON. Returns -1 when acquired, else the milliseconds (>= 0) until the earliest lease
+# runs out. One integer reply and few arguments: on the uncontended path the client's
+# packing and parsing cost as much as the script. Expired leases are swept only when the
+# group looks full, so that path is ZCARD + ZADD + HSET (+ PEXPIRE when the group is
+# new). A refused caller is registered as a waiter (with its lease length and metadata)
+# for ``WAITER_MS``, so that a release can hand it the slot directly.
 ACQUIRE_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -53,30 +57,31 @@ if count >= limit then
     redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('HDEL', KEYS[4], ARGV[1])
-    return {1, 0}
+    return -1
   end
-  local waiter_ms = tonumber(ARGV[5])
-  redis.call('ZADD', KEYS[3], now + waiter_ms, ARGV[1])
+  redis.call('ZADD', KEYS[3], now + {waiter_ms}, ARGV[1])
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
-  redis.call('PEXPIRE', KEYS[3], waiter_ms)
-  redis.call('PEXPIRE', KEYS[4], waiter_ms)
+  redis.call('PEXPIRE', KEYS[3], {waiter_ms})
+  redis.call('PEXPIRE', KEYS[4], {waiter_ms})
   local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, tonumber(first[2]) - now}
+  return math.max(tonumber(first[2]) - now, 0)
 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-if redis.call('PTTL', KEYS[1]) < ttl then
+-- A new group has no expiry yet; else extend only when the keys would outlive no lease.
+if count == 0 or redis.call('PTTL', KEYS[1]) < ttl then
   -- Twice the lease, so the next acquires within a TTL need not extend it again.
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   redis.call('PEXPIRE', KEYS[2], 2 * ttl)
 end
-return {1, 0}
+return -1
 """
 
-# KEYS: holders, meta, waiters, waiter_meta. ARGV: token, wake key prefix, claim_ms.
-# Returns 1 when the token held a slot. The freed slot goes straight to the waiter that
-# has waited longest among the live ones: it is added as a holder with its own lease and
-# metadata, and woken on its personal list, so it holds the slot when BLPOP returns.
+# KEYS: holders, meta, waiters, waiter_meta. ARGV: token. Returns 1 when the token held a
+# slot. The freed slot goes straight to the waiter that has waited longest among the live
+# ones: it is added as a holder with its own lease and metadata (a claim of at most
+# ``CLAIM_MS``), and woken on its personal list ``<group>:wake:<token>`` (same hash tag),
+# so it holds the slot when BLPOP returns.
 RELEASE_SCRIPT = """
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -107,7 +112,7 @@ end
 local space = string.find(entry, ' ', 1, true)
 -- A short claim: the woken waiter extends it to its own lease at once, and a waiter that
 -- died while blocked does not sit on the slot for a whole lease.
-local ttl = math.min(tonumber(string.sub(entry, 1, space - 1)), tonumber(ARGV[3]))
+local ttl = math.min(tonumber(string.sub(entry, 1, space - 1)), {claim_ms})
 redis.call('ZADD', KEYS[1], now + ttl, waiter)
 redis.call('HSET', KEYS[2], waiter, string.sub(entry, space + 1))
 if redis.call('PTTL', KEYS[1]) < ttl then
@@ -115,7 +120,8 @@ if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   redis.call('PEXPIRE', KEYS[2], 2 * ttl)
 end
-local wake = ARGV[2] .. waiter
+-- KEYS[1] minus its ':holders' suffix is the group's base key.
+local wake = string.sub(KEYS[1], 1, -9) .. ':wake:' .. waiter
 redis.call('RPUSH', wake, '1')
 redis.call('PEXPIRE', wake, ttl)
 return removed
@@ -168,15 +174,6 @@ class RedisThrottleBackend(ThrottleBackend):
 
     wakes_waiters = True
 
-    def __init__(self, client: Redis, key_prefix: str) -> None:
-        self.client = client
-        self.key_prefix = key_prefix
-        self._acquire = client.register_script(ACQUIRE_SCRIPT)
-        self._release = client.register_script(RELEASE_SCRIPT)
-        self._renew = client.register_script(RENEW_SCRIPT)
-        self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
-        self._key_cache: dict[SlotGroup, list[str]] = {}
-
     #: Milliseconds a refused caller stays registered as a waiter; waiters re-register on
     #: every attempt, at least once a second (the longest single BLPOP).
     WAITER_MS = 3000
@@ -184,22 +181,46 @@ class RedisThrottleBackend(ThrottleBackend):
     #: Milliseconds a handed-over slot is held before its new holder extends the lease.
     CLAIM_MS = 5000
 
-    def _keys(self, group: SlotGroup) -> list[str]:
-        """holders, meta, waiters, waiter_meta: one hash tag, so one Redis Cluster slot."""
+    @property
+    def handoff_claim(self) -> float:  # type: ignore[override]
+        return self.CLAIM_MS / 1000
+
+    #: Groups whose key names are kept (per-entity keys make many groups; cleared when full).
+    KEY_CACHE_SIZE = 4096
+
+    def __init__(self, client: Redis, key_prefix: str) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self._acquire = client.register_script(ACQUIRE_SCRIPT.replace("{waiter_ms}", str(self.WAITER_MS)))
+        self._release = client.register_script(RELEASE_SCRIPT.replace("{claim_ms}", str(self.CLAIM_MS)))
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
+        self._key_cache: dict[SlotGroup, list[bytes]] = {}
+
+    def _keys(self, group: SlotGroup) -> list[bytes]:
+        """holders, meta, waiters, waiter_meta: one hash tag, so one Redis Cluster slot.
+
+        Encoded once and cached: acquire and release are sent many times per group.
+        """
         keys = self._key_cache.get(group)
         if keys is None:
-            base = f"{self.key_prefix}{{{group.digest}}}"
-            keys = [f"{base}{HOLDERS_SUFFIX}", f"{base}:meta", f"{base}:waiters", f"{base}:waiter_meta"]
+            base = self._base_key(group)
+            names = (HOLDERS_SUFFIX, ":meta", ":waiters", ":waiter_meta")
+            keys = [f"{base}{suffix}".encode() for suffix in names]
             if len(self._key_cache) >= self.KEY_CACHE_SIZE:
                 self._key_cache.clear()
             self._key_cache[group] = keys
         return keys
 
-    #: Groups whose key names are kept (per-entity keys make many groups; cleared when full).
-    KEY_CACHE_SIZE = 4096
+    def _base_key(self, group: SlotGroup) -> str:
+        return f"{self.key_prefix}{{{group.digest}}}"
 
-    def _wake_prefix(self, group: SlotGroup) -> str:
-        return f"{self.key_prefix}{{{group.digest}}}:wake:"
+    def _run(self, script: Script, keys: list[bytes], *args: EncodableT) -> Any:
+        """``EVALSHA`` straight on the client; ``Script`` itself reloads a flushed script."""
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return script(keys=keys, args=args)
 
     def acquire(
         self,
@@ -209,16 +230,13 @@ class RedisThrottleBackend(ThrottleBackend):
         ttl: float,
         metadata: dict[str, Any],
     ) -> AcquireResult:
-        acquired, wait_ms = self._acquire(
-            keys=self._keys(group),
-            args=[token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata), self.WAITER_MS],
+        wait_ms = self._run(
+            self._acquire, self._keys(group), token, concurrency, math.ceil(ttl * 1000), json.dumps(metadata)
         )
-        return ACQUIRED if acquired else AcquireResult(False, max(int(wait_ms), 0) / 1000)
+        return ACQUIRED if wait_ms < 0 else AcquireResult(False, wait_ms / 1000)
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        return bool(
-            self._release(keys=self._keys(group), args=[token, self._wake_prefix(group), self.CLAIM_MS])
-        )
+        return bool(self._run(self._release, self._keys(group), token))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
         holders, meta = self._keys(group)[:2]
@@ -226,11 +244,12 @@ class RedisThrottleBackend(ThrottleBackend):
 
     def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
         # BLPOP takes fractional seconds; 0 would block forever, so keep a floor.
-        return self.client.blpop([self._wake_prefix(group) + token], timeout=max(timeout, 0.001)) is not None
+        wake = f"{self._base_key(group)}:wake:{token}"
+        return self.client.blpop([wake], timeout=max(timeout, 0.001)) is not None
 
     def cancel_wait(self, group: SlotGroup, token: str) -> bool:
         holders, _, waiters, waiter_meta = self._keys(group)
-        wake = self._wake_prefix(group) + token
+        wake = f"{self._base_key(group)}:wake:{token}".encode()
         return bool(self._cancel_wait(keys=[holders, waiters, waiter_meta, wake], args=[token]))
 
     def _holder_keys(self) -> Iterator[str]:
