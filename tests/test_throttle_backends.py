@@ -34,6 +34,7 @@ from task_workflow.throttle import (
     ThrottleBackend,
 )
 from task_workflow.throttle.base import AcquireResult
+from task_workflow.throttle.cache_backend import REGISTRY_KEY
 
 REDIS_URL = getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/15"
 CACHE_TABLE = "tw_test_throttle_backends"
@@ -542,6 +543,51 @@ def test_generic_wait_for_release_polls():
     assert handed_over is False  # no handoff: the caller acquires again
     assert 0.18 <= polled < 0.6
     assert 0.04 <= shorter < 0.15
+
+
+# --- DatabaseCache listing ---------------------------------------------------------------
+
+
+def upsert_backend_on(options: dict) -> DatabaseCacheThrottleBackend:
+    call_command("createcachetable", CACHE_TABLE, verbosity=0)
+    cache = DatabaseCache(CACHE_TABLE, {"OPTIONS": {"MAX_ENTRIES": 10**9}, **options})
+    return DatabaseCacheThrottleBackend(cache)
+
+
+@pytest.mark.django_db
+def test_database_cache_lists_by_scanning_its_table_without_a_registry():
+    """The listing reads the throttle's rows of the table: no group registry is written,
+    and a key prefix with LIKE wildcards matches only its own rows."""
+    backend = upsert_backend_on({"KEY_PREFIX": "tw_50%"})
+    lookalike = upsert_backend_on({"KEY_PREFIX": "twX50X"})  # '_' and '%' would match this
+    try:
+        groups = [new_group(str(n)) for n in range(30)]
+        holders = {take(backend, group, 2).token for group in groups}
+        other = take(lookalike, new_group(), 1)
+        backend.cache.set("tw:throttle:not-a-lease", {"something": "else"})
+
+        assert {slot.token for slot in backend.held_slots()} == holders
+        assert {slot.token for slot in lookalike.held_slots()} == {other.token}
+        assert backend.cache.get(REGISTRY_KEY) is None
+    finally:
+        backend.cache.clear()
+        lookalike.cache.clear()
+
+
+def reversed_key(key: str, key_prefix: str, version: int) -> str:
+    """A KEY_FUNCTION that does not keep keys as a prefix + the key."""
+    return f"{key_prefix}:{version}:{key}"[::-1]
+
+
+@pytest.mark.django_db
+def test_database_cache_with_a_custom_key_function_lists_through_the_registry():
+    backend = upsert_backend_on({"KEY_PREFIX": uuid.uuid4().hex, "KEY_FUNCTION": reversed_key})
+    try:
+        holder = take(backend, new_group(), 1)
+        assert [slot.token for slot in backend.held_slots()] == [holder.token]
+        assert backend.cache.get(REGISTRY_KEY)
+    finally:
+        backend.cache.clear()
 
 
 # --- Under contention --------------------------------------------------------------------

@@ -20,6 +20,8 @@ from django.core.cache.backends.base import BaseCache
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 from .redis_backend import held_slot_from_metadata
 
+#: Every slot key starts with this (then the group digest and the slot number).
+SLOT_KEY_PREFIX = "tw:throttle:"
 REGISTRY_KEY = "tw:throttle:groups"
 
 
@@ -34,7 +36,7 @@ class CacheThrottleBackend(ThrottleBackend):
 
     @staticmethod
     def _slot_key(group: SlotGroup, slot: int | str) -> str:
-        return f"tw:throttle:{group.digest}:{slot}"
+        return f"{SLOT_KEY_PREFIX}{group.digest}:{slot}"
 
     def acquire(
         self,

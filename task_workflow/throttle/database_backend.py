@@ -6,7 +6,9 @@ a lapsed slot can all win; and it stores expiry in whole seconds. Here a slot is
 with ``INSERT … ON CONFLICT DO UPDATE … WHERE expires < now`` (one winner: the row count
 says who), renewal and release compare-and-set on the stored value (the owner's own lease),
 and expiry keeps microseconds. Values use DatabaseCache's own encoding, so ``cache.get``
-and the listing read them as usual.
+reads them as usual. Operators' listing scans the table for the throttle's rows, so no
+registry of groups is kept (the generic backend's registry is a read-modify-write that
+grows with the number of groups).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from django.conf import settings
 from django.core.cache.backends.db import DatabaseCache
 from django.db import connections, router
 
-from .base import AcquireResult, SlotGroup
-from .cache_backend import CacheThrottleBackend
+from .base import AcquireResult, HeldSlot, SlotGroup
+from .cache_backend import SLOT_KEY_PREFIX, CacheThrottleBackend
+from .redis_backend import held_slot_from_metadata
 
 #: Database vendors whose SQL supports ``INSERT … ON CONFLICT … DO UPDATE … WHERE``.
 UPSERT_VENDORS = ("postgresql", "sqlite")
@@ -36,6 +39,11 @@ class DatabaseCacheThrottleBackend(CacheThrottleBackend):
     def __init__(self, cache: DatabaseCache, poll_interval: float = 0.05) -> None:
         super().__init__(cache, poll_interval)
         self._db = router.db_for_write(cache.cache_model_class)
+        # The stored form of every slot key starts with this, unless a custom KEY_FUNCTION
+        # does not keep keys as a prefix + the key: then the generic registry is used.
+        prefix = cache.make_key(SLOT_KEY_PREFIX)
+        scannable = cache.make_key(SLOT_KEY_PREFIX + "x") == prefix + "x"
+        self._stored_prefix: str | None = prefix if scannable else None
 
     @classmethod
     def supports(cls, cache: Any) -> bool:
@@ -52,6 +60,32 @@ class DatabaseCacheThrottleBackend(CacheThrottleBackend):
             value=quote("value"),
             expires=quote("expires"),
         )
+
+    def _register(self, group: SlotGroup, metadata: dict[str, Any]) -> None:
+        if self._stored_prefix is None:
+            super()._register(group, metadata)
+
+    def held_slots(self) -> list[HeldSlot]:
+        """Every live throttle row of the cache table, in one ``SELECT``."""
+        if self._stored_prefix is None:
+            return super().held_slots()
+        escaped = self._stored_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with connections[self._db].cursor() as cursor:
+            cursor.execute(
+                self._sql(
+                    "SELECT {key}, {value} FROM {table} WHERE {key} LIKE %s ESCAPE '\\' AND {expires} > %s"
+                ),
+                [escaped + "%", self._when(0)],
+            )
+            rows = cursor.fetchall()
+        now = time.time()
+        slots = []
+        for row_key, raw in rows:
+            lease = pickle.loads(base64.b64decode(raw.encode("latin1")))
+            if isinstance(lease, dict) and "token" in lease:  # not the generic registry
+                slot = row_key.rsplit(":", 1)[-1]
+                slots.append(held_slot_from_metadata(lease["token"], slot, lease, lease["deadline"], now))
+        return slots
 
     def _row_key(self, group: SlotGroup, slot: int | str) -> str:
         return self.cache.make_and_validate_key(self._slot_key(group, slot))
