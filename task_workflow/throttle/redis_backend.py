@@ -120,8 +120,8 @@ if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], 2 * ttl)
   redis.call('PEXPIRE', KEYS[2], 2 * ttl)
 end
--- KEYS[1] minus its ':holders' suffix is the group's base key.
-local wake = string.sub(KEYS[1], 1, -9) .. ':wake:' .. waiter
+-- KEYS[1] minus its holders suffix is the group's base key.
+local wake = string.sub(KEYS[1], 1, {base_end}) .. ':wake:' .. waiter
 redis.call('RPUSH', wake, '1')
 redis.call('PEXPIRE', wake, ttl)
 return removed
@@ -191,8 +191,11 @@ class RedisThrottleBackend(ThrottleBackend):
     def __init__(self, client: Redis, key_prefix: str) -> None:
         self.client = client
         self.key_prefix = key_prefix
+        # Constants go into the scripts' text (read here, at construction): fewer arguments
+        # to pack on every call.
         self._acquire = client.register_script(ACQUIRE_SCRIPT.replace("{waiter_ms}", str(self.WAITER_MS)))
-        self._release = client.register_script(RELEASE_SCRIPT.replace("{claim_ms}", str(self.CLAIM_MS)))
+        release = RELEASE_SCRIPT.replace("{claim_ms}", str(self.CLAIM_MS))
+        self._release = client.register_script(release.replace("{base_end}", str(-len(HOLDERS_SUFFIX) - 1)))
         self._renew = client.register_script(RENEW_SCRIPT)
         self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
         self._key_cache: dict[SlotGroup, list[bytes]] = {}
