@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -55,6 +56,7 @@ class Command(BaseCommand):
                 self._stop_worker(worker)
         self._print_timeline()
         self._print_slot_holds()
+        self._write_chart()
         self._print_outcome(instances)
 
     def _reset(self) -> None:
@@ -182,6 +184,22 @@ class Command(BaseCommand):
             spans = ", ".join(f"{start:.3f}-{end:.3f}s pid {pid}" for start, end, pid in intervals)
             most = max(sum(1 for s, e, _ in intervals if s <= start < e) for start, _, _ in intervals)
             self.stdout.write(f"  {group}: {spans}; at most {most} at once")
+
+    def _write_chart(self) -> None:
+        """The same timeline as a PNG Gantt chart; an extra that never fails the demo."""
+        try:
+            from example_project.timeline_chart import render_timeline_png
+        except ImportError:
+            self.stdout.write("\nchart: skipped (Pillow is not installed: pip install -e '.[dev]')")
+            return
+        try:
+            path = render_timeline_png(timeline.read_timeline(), Path(settings.VAR_DIR) / "timeline.png")
+        except Exception as exc:  # a drawing problem must not hide the demo's outcome
+            self.stdout.write(f"\nchart: not drawn ({type(exc).__name__}: {exc})")
+            return
+        if path is not None:
+            shown = path.relative_to(settings.BASE_DIR) if path.is_relative_to(settings.BASE_DIR) else path
+            self.stdout.write(f"\nchart: {shown}")
 
     @staticmethod
     def _describe(event: dict[str, Any]) -> str:
