@@ -81,7 +81,7 @@ class DatabaseCacheThrottleBackend(CacheThrottleBackend):
         now = time.time()
         slots = []
         for row_key, raw in rows:
-            lease = pickle.loads(base64.b64decode(raw.encode("latin1")))
+            lease = self._decode(raw)
             if isinstance(lease, dict) and "token" in lease:  # not the generic registry
                 slot = row_key.rsplit(":", 1)[-1]
                 slots.append(held_slot_from_metadata(lease["token"], slot, lease, lease["deadline"], now))
@@ -92,6 +92,10 @@ class DatabaseCacheThrottleBackend(CacheThrottleBackend):
 
     def _encode(self, value: Any) -> str:
         return base64.b64encode(pickle.dumps(value, self.cache.pickle_protocol)).decode("latin1")
+
+    @staticmethod
+    def _decode(raw: str) -> Any:
+        return pickle.loads(base64.b64decode(raw.encode("latin1")))
 
     def _when(self, seconds_from_now: float) -> Any:
         moment = datetime.now(tz=UTC) + timedelta(seconds=seconds_from_now)
@@ -115,7 +119,7 @@ class DatabaseCacheThrottleBackend(CacheThrottleBackend):
         if row is None:
             return None
         raw = row[0]
-        lease = pickle.loads(base64.b64decode(raw.encode("latin1")))
+        lease = self._decode(raw)
         return (raw, lease) if isinstance(lease, dict) else None
 
     def acquire(
