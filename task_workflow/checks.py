@@ -27,6 +27,8 @@ VALIDATORS: dict[str, tuple[Any, str]] = {
     "THROTTLE_WAIT": (lambda v: _number(v, minimum=0, allow_none=True), "seconds >= 0, or None"),
     "THROTTLE_RETRY_BACKOFF": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
     "THROTTLE_RETRY_BACKOFF_MAX": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
+    "THROTTLE_SOCKET_TIMEOUT": (lambda v: _number(v, minimum=0.01), "a number of seconds >= 0.01"),
+    "THROTTLE_RESTART_GRACE": (lambda v: _number(v, minimum=0, allow_none=True), "seconds >= 0, or None"),
     "HEAVY_QUEUE": (lambda v: isinstance(v, str) and bool(v), "a non-empty queue name"),
     "TRANSITION_HISTORY": (lambda v: isinstance(v, bool), "True or False"),
 }

@@ -22,6 +22,12 @@ DEFAULTS: dict[str, Any] = {
     # Bounds, in seconds, of the jittered backoff used to re-queue a throttled task.
     "THROTTLE_RETRY_BACKOFF": 1.0,
     "THROTTLE_RETRY_BACKOFF_MAX": 30.0,
+    # Seconds any one call of the throttle to Redis may take (socket timeout of its own
+    # connections), so a half-open connection cannot stall the lease renewer.
+    "THROTTLE_SOCKET_TIMEOUT": 5.0,
+    # Seconds a restarted Redis (which forgot every lease) grants no slot; at least the
+    # longest lease anyone holds. ``None``: LOCK_TTL.
+    "THROTTLE_RESTART_GRACE": None,
     # Queue that receives tasks declared with ``is_heavy_task=True``.
     "HEAVY_QUEUE": "heavy",
     # Write a TransitionRecord for every transition applied through task_workflow.

@@ -2,7 +2,9 @@
 
 ``slot_acquired`` and ``slot_released`` are sent with ``sender`` = the
 :class:`~task_workflow.throttle.SlotGroup` and ``lease`` = the
-:class:`~task_workflow.throttle.Lease`, in the process that holds the slot.
+:class:`~task_workflow.throttle.Lease`, in the process that holds the slot. They are sent
+with ``send_robust``: a receiver that raises is logged (logger ``django.dispatch``), and
+neither leaks the slot nor fails the guarded work.
 """
 
 from django.dispatch import Signal

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid as uuid_module
 from collections.abc import Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
@@ -39,6 +40,7 @@ from celery.exceptions import Retry
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
 from django_redis.cache import RedisCache as DjangoRedisCache
+from redis import BlockingConnectionPool, ConnectionPool, Redis
 
 from ..conf import get_setting
 from ..exceptions import ImproperlyDecorated, TaskWorkflowError
@@ -47,7 +49,7 @@ from ..transitions import running_task
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 from .cache_backend import CacheThrottleBackend
 from .database_backend import DatabaseCacheThrottleBackend
-from .lease import Lease, lease_renewer
+from .lease import Lease, lease_renewer, lease_view
 from .redis_backend import RedisThrottleBackend
 
 __all__ = [
@@ -83,10 +85,6 @@ HOSTNAME = socket.gethostname()
 THROTTLE_ATTEMPT_HEADER = "task_workflow_throttle_attempt"
 
 
-#: The result of a wait that ended with a slot handed over by a release.
-HANDED_OVER = AcquireResult(True, handed_over=True)
-
-
 class ThrottleTimeout(TaskWorkflowError):
     """No slot freed within ``wait`` seconds, outside a task (inside one it is re-queued)."""
 
@@ -119,12 +117,39 @@ def _build_backend(alias: str) -> ThrottleBackend:
     cache = caches[alias]
     key_prefix = str(cache.make_key("tw:throttle:"))
     if isinstance(cache, DjangoRedisCache):
-        return RedisThrottleBackend(cache.client.get_client(write=True), key_prefix)
+        return _redis_backend(cache.client.get_client(write=True), key_prefix)
     if isinstance(cache, BuiltinRedisCache):
-        return RedisThrottleBackend(cache._cache.get_client(None, write=True), key_prefix)
+        return _redis_backend(cache._cache.get_client(None, write=True), key_prefix)
     if DatabaseCacheThrottleBackend.supports(cache):
-        return DatabaseCacheThrottleBackend(cast(Any, cache))
-    return CacheThrottleBackend(cache)
+        return DatabaseCacheThrottleBackend(cast(Any, cache), alias=alias)
+    return CacheThrottleBackend(cache, alias=alias)
+
+
+def _redis_backend(client: Redis, key_prefix: str) -> RedisThrottleBackend:
+    grace = get_setting("THROTTLE_RESTART_GRACE")
+    return RedisThrottleBackend(
+        throttle_client(client, float(get_setting("THROTTLE_SOCKET_TIMEOUT"))),
+        key_prefix,
+        restart_grace=float(get_setting("LOCK_TTL") if grace is None else grace),
+    )
+
+
+def throttle_client(client: Redis, timeout: float) -> Redis:
+    """A client of the same server on connections of its own, whose every call gives up
+    after ``timeout`` seconds (or the cache's own shorter socket timeout): one call that
+    hangs on a half-open connection must not stall the lease renewer. A connection pool
+    of another kind (e.g. Sentinel's) is used as it is."""
+    pool = client.connection_pool
+    if type(pool) not in (ConnectionPool, BlockingConnectionPool):
+        return client
+    kwargs = dict(pool.connection_kwargs)
+    for name in ("socket_timeout", "socket_connect_timeout"):
+        configured = kwargs.get(name)
+        kwargs[name] = timeout if configured is None else min(float(configured), timeout)
+    own_pool = type(pool)(
+        connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+    )
+    return Redis(connection_pool=own_pool)
 
 
 def _validate_key(key: Any) -> str | None:
@@ -286,7 +311,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             "ttl": ttl,
         }
         try:
-            result = self._wait_for_slot(backend, group, token, ttl, wait, metadata)
+            result, valid_until = self._wait_for_slot(backend, group, token, ttl, wait, metadata)
         except (RecursionError, MemoryError):
             raise
         except Exception as exc:
@@ -300,9 +325,17 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             if task is None:
                 raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
             raise self._requeue(task, f"throttle {group}: all {self.concurrency} slots busy", ThrottleTimeout)
-        lease = Lease(backend=backend, group=group, token=token, slot=result.slot, ttl=ttl)
+        lease = Lease(
+            backend=backend,
+            group=group,
+            token=token,
+            slot=result.slot,
+            ttl=ttl,
+            fencing_token=result.fencing_token,
+            valid_until=valid_until,
+        )
         lease_renewer.add(lease, renew_now=result.handed_over)
-        slot_acquired.send(sender=group, lease=lease)
+        slot_acquired.send_robust(sender=group, lease=lease)
         return lease
 
     #: Eager runs (``apply()``, ALWAYS_EAGER) re-run a re-queued task at once, without a
@@ -334,15 +367,17 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         ttl: float,
         wait: float | None,
         metadata: dict[str, Any],
-    ) -> AcquireResult:
+    ) -> tuple[AcquireResult, float]:
+        """The last attempt's result and, for a grant, until when the holder may believe it
+        (``time.monotonic()``)."""
         deadline = None if wait is None else time.monotonic() + wait
         try:
             return self._attempt_until(backend, group, token, ttl, deadline, metadata)
         except BaseException:
-            # Interrupted while registered as a waiter (time limit, connection error): stop
-            # waiting, and give back a slot a release may have handed us meanwhile.
+            # Interrupted while in line (time limit, connection error): leave the line, and
+            # give back a slot a release may have handed us meanwhile.
             try:
-                if backend.cancel_wait(group, token):
+                if backend.cancel_wait(group, token) is not None:
                     backend.release(group, token)
             except Exception:
                 logger.warning("Throttle %s: could not withdraw an interrupted waiter", group, exc_info=True)
@@ -356,29 +391,36 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         ttl: float,
         deadline: float | None,
         metadata: dict[str, Any],
-    ) -> AcquireResult:
+    ) -> tuple[AcquireResult, float]:
         while True:
             metadata["acquired_at"] = time.time()
+            sent_at = time.monotonic()
             result = backend.acquire(group, token, self.concurrency, ttl, metadata)
             if result.acquired:
-                return result
+                return result, lease_view(sent_at, ttl)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 # A release may have handed us the slot just now: then we hold it.
-                if backend.cancel_wait(group, token) and backend.renew(group, token, "", ttl):
-                    return AcquireResult(True)
-                return result
+                handed = backend.cancel_wait(group, token)
+                if handed is not None:
+                    renewed_at = time.monotonic()
+                    if backend.renew(group, token, handed.slot, ttl):
+                        return replace(handed, handed_over=False), lease_view(renewed_at, ttl)
+                return result, 0.0
             # Sleep until a release wakes us (on Redis it hands us the slot), the earliest
             # lease may expire, or the wait ends; a short cap keeps each blocking call
-            # under any client socket timeout and refreshes our waiter registration.
+            # under any client socket timeout and keeps us counted as a live waiter.
             timeout = min(t for t in (remaining, result.retry_after, 1.0) if t is not None)
-            waited_from = time.monotonic()
-            if backend.wait_for_release(group, token, max(timeout, 0.001)):
-                # Handed the slot under a short claim. Woken well within the claim, we hold
-                # it now and the lease renewer extends it at once, off this thread's path
-                # (the handoff costs the wake-up alone); else the claim may have lapsed
-                # while this process was descheduled: extend it here first.
-                if time.monotonic() - waited_from < min(ttl, backend.handoff_claim) / 2:
-                    return HANDED_OVER
-                if backend.renew(group, token, "", ttl):
-                    return AcquireResult(True)
+            handed = backend.wait_for_release(group, token, max(timeout, 0.001))
+            if handed is not None:
+                # Handed the slot under a short claim, granted after our last attempt was
+                # sent. Woken well within the claim, we hold it now and the lease renewer
+                # extends it at once, off this thread's path (the handoff costs the wake-up
+                # alone); else the claim may have lapsed while this process was
+                # descheduled: extend it here first.
+                claim = min(ttl, backend.handoff_claim)
+                if time.monotonic() - sent_at < claim / 2:
+                    return handed, lease_view(sent_at, claim)
+                renewed_at = time.monotonic()
+                if backend.renew(group, token, handed.slot, ttl):
+                    return replace(handed, handed_over=False), lease_view(renewed_at, ttl)

@@ -4,6 +4,18 @@ A backend stores, per slot group, at most ``concurrency`` holders. Each holder i
 owner token with a lease deadline; a holder that stops renewing loses its slot when the
 lease runs out. Backends never count with read-modify-write: acquiring a slot is one
 atomic operation of the store.
+
+Every backend keeps the protocol's invariants (README, "Throttle protocol"):
+
+1. At most ``concurrency`` live leases per group.
+2. A holder's lease deadline changes only through its own acquire or renewal: no release,
+   handoff or sweep shortens (or extends) another holder's lease.
+3. A slot is handed over only to a caller that is waiting and holds no slot of the
+   group; every successful acquire path ends the caller's waiter registration.
+4. Waiters are served in order of first arrival (FIFO); a waiter that stops attempting
+   (gave up, died) drops out of line without moving anybody else.
+5. The group's records outlive every live lease, whatever mix of TTLs its callers use.
+6. Every grant carries a fencing token that strictly increases per group.
 """
 
 from __future__ import annotations
@@ -51,6 +63,9 @@ class AcquireResult:
     #: A release handed the slot over under a short claim: the new holder extends it to
     #: its own lease at once.
     handed_over: bool = False
+    #: For a grant: a number that strictly increases per group with every grant, so a
+    #: protected resource can refuse a holder whose lease has been given away.
+    fencing_token: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,8 @@ class HeldSlot:
     acquired_at: float | None
     lease_deadline: float
     now: float
+    #: The grant's fencing token (``None`` where the store did not record one).
+    fencing_token: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -137,17 +154,26 @@ class ThrottleBackend(abc.ABC):
         """Push ``token``'s lease deadline to now + ``ttl``; ``False`` if the slot is lost."""
 
     @abc.abstractmethod
-    def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> bool:
+    def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> AcquireResult | None:
         """Block until a slot of ``group`` may have been freed, or ``timeout`` seconds.
 
-        Returns ``True`` when a release handed the slot to ``token`` (a refused caller of
-        :meth:`acquire`): the caller holds it now, under a short claim that it extends
-        with :meth:`renew` at once, and must not acquire again.
+        Returns the grant (``handed_over=True``, with its fencing token) when a release
+        handed the slot to ``token`` (a refused caller of :meth:`acquire`): the caller
+        holds it now, under a short claim that it extends with :meth:`renew` at once, and
+        must not acquire again. ``None`` otherwise: the caller attempts again.
         """
 
-    def cancel_wait(self, group: SlotGroup, token: str) -> bool:
-        """A refused caller gives up waiting; ``True`` if it was handed a slot meanwhile."""
-        return False
+    def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
+        """A refused caller gives up waiting and leaves the line.
+
+        Returns the grant if a release handed it a slot meanwhile (it holds that slot
+        now and must release or renew it), else ``None``.
+        """
+        return None
+
+    def waiting(self, group: SlotGroup) -> list[str]:
+        """Tokens of the live waiters of ``group``, first in line first (diagnostics, tests)."""
+        return []
 
     @abc.abstractmethod
     def held_slots(self) -> list[HeldSlot]:

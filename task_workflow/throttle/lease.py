@@ -16,21 +16,55 @@ from .base import SlotGroup, ThrottleBackend
 
 logger = logging.getLogger(__name__)
 
+#: Fraction of a lease a holder gives up of its own view of it, for the difference
+#: between its monotonic clock and the store's clock over one lease (far larger than any
+#: clock's drift rate), plus a fixed floor in seconds.
+LEASE_MARGIN_FRACTION = 0.02
+LEASE_MARGIN_FLOOR = 0.002
+
+
+def lease_view(sent_at: float, seconds: float) -> float:
+    """Until when (``time.monotonic()``) a holder may believe in a lease of ``seconds``
+    that the store granted or renewed in answer to a request sent at ``sent_at``: the
+    store counted from a moment after ``sent_at``, so this ends before the store's
+    deadline."""
+    return sent_at + seconds * (1 - LEASE_MARGIN_FRACTION) - LEASE_MARGIN_FLOOR
+
 
 @dataclass(eq=False)
 class Lease:
-    """A held slot. ``lost`` turns true if a renewal finds the slot gone (expired or
-    force-released); the holder keeps running, so long bodies may check it."""
+    """A held slot.
+
+    ``lost`` turns true as soon as the store may have given the slot away: a renewal
+    found it gone (expired or force-released), or the holder's own view of the lease ran
+    out (``valid_until``, its last successful renewal plus the TTL, by the monotonic
+    clock) because renewals did not get through. It never turns false again. The holder
+    keeps running, so long bodies should check it, and a resource that must never see
+    two holders should check ``fencing_token`` (README, "Fencing tokens").
+    """
 
     backend: ThrottleBackend
     group: SlotGroup
     token: str
     slot: str
     ttl: float
-    lost: bool = False
+    #: Strictly increases per group with every grant: pass it to the protected resource.
+    fencing_token: int = 0
     released: bool = field(default=False, repr=False)
-    #: ``time.monotonic()`` of the acquire or the last successful renewal.
-    renewed_at: float = field(default_factory=time.monotonic, repr=False)
+    #: ``time.monotonic()`` until which the holder may believe it holds the slot.
+    valid_until: float = field(default=math.inf, repr=False)
+    _lost: bool = field(default=False, repr=False)
+
+    @property
+    def lost(self) -> bool:
+        """The store may have given the slot away (latched: never false again)."""
+        if not self._lost and not self.released and time.monotonic() >= self.valid_until:
+            self._lost = True
+        return self._lost
+
+    def mark_lost(self) -> None:
+        """The store says the slot is gone."""
+        self._lost = True
 
     def release(self) -> bool:
         """Give the slot back (once); ``False`` if it was no longer ours."""
@@ -47,7 +81,8 @@ class Lease:
                 "Could not release throttle slot of %s; it expires within %ss", self.group, self.ttl
             )
             return False
-        slot_released.send(sender=self.group, lease=self)
+        finally:
+            slot_released.send_robust(sender=self.group, lease=self)
         return released
 
 
@@ -58,6 +93,12 @@ class LeaseRenewer:
     survive ``fork``. An acquire wakes the thread only when the new lease is due before
     the thread's next wake-up: waking a thread on every acquire costs a context switch
     and a GIL handoff, about as much as the acquire's own round trip.
+
+    The thread cannot stop renewing silently: an unexpected error is logged and the
+    loop goes on; a thread that died anyway, or that hangs in one call for longer than
+    ``STALL_AFTER``, is replaced (logged) by the next :meth:`add` or :meth:`check`. Leases
+    are safe meanwhile: each one's ``lost`` follows its own view of the lease, renewed or
+    not.
     """
 
     #: Fraction of the TTL between renewals: two renewals may fail before the lease ends.
@@ -65,6 +106,9 @@ class LeaseRenewer:
 
     #: Shortest idle sleep in seconds; a shorter lease taken meanwhile wakes the thread.
     IDLE_PERIOD_FLOOR = 1.0
+
+    #: Seconds one pass over the due leases may take before the thread counts as stuck.
+    STALL_AFTER = 30.0
 
     def __init__(self) -> None:
         self._due: dict[Lease, float] = {}
@@ -75,16 +119,19 @@ class LeaseRenewer:
         #: How long the thread sleeps when idle: the shortest renewal period seen (at
         #: least a second), so a lease taken while it sleeps is due after it wakes.
         self._idle_period = math.inf
+        self._thread: threading.Thread | None = None
+        #: Bumped when a thread is replaced: an older thread exits when it sees it.
+        self._generation = 0
+        #: ``time.monotonic()`` at which the running pass began (``None`` when asleep).
+        self._busy_since: float | None = None
+        #: How many times a thread was replaced (diagnostics, tests).
+        self.restarts = 0
 
     def add(self, lease: Lease, *, renew_now: bool = False) -> None:
         """Renew ``lease`` every ``ttl / 3`` from now on; first at once with ``renew_now``
         (a slot handed over under a short claim)."""
         with self._condition:
-            if self._pid != os.getpid():
-                self._due.clear()  # leases inherited through fork belong to the parent
-                self._pid = os.getpid()
-                self._wake_at = math.inf
-                threading.Thread(target=self._run, name="task-workflow-lease-renewer", daemon=True).start()
+            self._ensure_thread()
             period = lease.ttl * self.RENEW_FRACTION
             due = time.monotonic() + (0.0 if renew_now else period)
             self._due[lease] = due
@@ -102,42 +149,104 @@ class LeaseRenewer:
         with self._condition:
             return list(self._due)
 
-    def _run(self) -> None:
-        while True:
-            with self._condition:
-                now = time.monotonic()
-                due = [lease for lease, at in self._due.items() if at <= now]
-                if not due:
-                    self._wake_at = min(self._due.values(), default=now + self._idle_period)
-                    self._condition.wait(self._wake_at - now if self._wake_at < math.inf else None)
-                    continue
-            for lease in due:
+    def check(self) -> None:
+        """Replace a renewer thread that died or hangs (the watchdog; also run by add)."""
+        with self._condition:
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:
+        # Called with the condition held.
+        if self._pid != os.getpid():
+            self._due.clear()  # leases inherited through fork belong to the parent
+            self._pid = os.getpid()
+            self._wake_at = math.inf
+            self._busy_since = None
+            self._start_thread()
+            return
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            logger.error("Throttle lease renewer thread died; starting a new one")
+            self._start_thread()
+        elif self._busy_since is not None and time.monotonic() - self._busy_since > self.STALL_AFTER:
+            logger.error(
+                "Throttle lease renewer thread hangs (one pass has taken over %ss); starting a new one",
+                self.STALL_AFTER,
+            )
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        if self._thread is not None:
+            self.restarts += 1
+        self._generation += 1
+        self._busy_since = None
+        self._wake_at = math.inf
+        self._thread = threading.Thread(
+            target=self._run, args=(self._generation,), name="task-workflow-lease-renewer", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, generation: int) -> None:
+        try:
+            while self._pass(generation):
+                pass
+        except BaseException:
+            logger.exception("Throttle lease renewer thread failed; the next acquire starts a new one")
+            raise
+
+    def _pass(self, generation: int) -> bool:
+        """Sleep until leases are due, then renew them; ``False`` once replaced."""
+        with self._condition:
+            if generation != self._generation:
+                return False
+            now = time.monotonic()
+            due = [lease for lease, at in self._due.items() if at <= now]
+            if not due:
+                self._busy_since = None
+                self._wake_at = min(self._due.values(), default=now + self._idle_period)
+                self._condition.wait(self._wake_at - now if self._wake_at < math.inf else None)
+                return True
+            self._busy_since = now
+        for lease in due:
+            if generation != self._generation:
+                return False
+            try:
                 self._renew(lease)
+            except Exception:
+                logger.exception("Throttle lease renewer: unexpected error renewing %s", lease.group)
+                self._reschedule(lease, lease.ttl / 10)
+        return True
 
     def _renew(self, lease: Lease) -> None:
+        if lease.lost:  # its own view ran out: the slot may be someone else's by now
+            self._give_up(lease)
+            return
         # A database-backed cache: drop a connection the server closed, so one lost
         # connection does not fail every later renewal.
         close_old_connections()
+        sent_at = time.monotonic()
         try:
             renewed = lease.backend.renew(lease.group, lease.token, lease.slot, lease.ttl)
         except Exception:
-            if time.monotonic() - lease.renewed_at < lease.ttl:
+            if not lease.lost:
                 # The store is unreachable: try again soon; the lease may still be saved.
                 logger.warning("Could not renew throttle lease of %s; retrying", lease.group, exc_info=True)
-                self._reschedule(lease, lease.ttl / 10)
+                self._reschedule(lease, min(lease.ttl / 10, max(lease.valid_until - time.monotonic(), 0) / 2))
                 return
-            renewed = False  # unrenewed for a whole TTL: the slot is gone by now
-        if renewed:
-            lease.renewed_at = time.monotonic()
+            renewed = False
+        if renewed and not lease.lost:
+            lease.valid_until = lease_view(sent_at, lease.ttl)
             self._reschedule(lease, lease.ttl * self.RENEW_FRACTION)
             return
         if lease.released:  # released while this renewal was on its way
             return
-        lease.lost = True
+        lease.mark_lost()
+        self._give_up(lease)
+
+    def _give_up(self, lease: Lease) -> None:
         self.discard(lease)
         logger.error(
-            "Throttle slot of %s was lost (lease expired or force-released) while its holder "
-            "still runs; the limit may be exceeded until it finishes",
+            "Throttle slot of %s was lost (lease expired, unrenewable or force-released) while its "
+            "holder still runs; the limit may be exceeded until it finishes",
             lease.group,
         )
 
