@@ -95,8 +95,9 @@ class LeaseRenewer:
     and a GIL handoff, about as much as the acquire's own round trip.
 
     The thread cannot stop renewing silently: an unexpected error is logged and the
-    loop goes on; a thread that died anyway, or that hangs in one call for longer than
-    ``STALL_AFTER``, is replaced (logged) by the next :meth:`add` or :meth:`check`. Leases
+    loop goes on; a thread that died anyway, or that hangs in one pass for longer than
+    ``STALL_AFTER``, is replaced (logged) by a watchdog thread that looks every
+    ``WATCHDOG_PERIOD`` seconds while leases are held (and by every :meth:`add`). Leases
     are safe meanwhile: each one's ``lost`` follows its own view of the lease, renewed or
     not.
     """
@@ -109,6 +110,9 @@ class LeaseRenewer:
 
     #: Seconds one pass over the due leases may take before the thread counts as stuck.
     STALL_AFTER = 30.0
+
+    #: Seconds between the watchdog's looks at the renewer thread.
+    WATCHDOG_PERIOD = 1.0
 
     def __init__(self) -> None:
         self._due: dict[Lease, float] = {}
@@ -162,6 +166,7 @@ class LeaseRenewer:
             self._wake_at = math.inf
             self._busy_since = None
             self._start_thread()
+            threading.Thread(target=self._watch, name="task-workflow-lease-watchdog", daemon=True).start()
             return
         thread = self._thread
         if thread is None or not thread.is_alive():
@@ -185,6 +190,14 @@ class LeaseRenewer:
         )
         self._thread.start()
 
+    def _watch(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(self.WATCHDOG_PERIOD)
+            with self._condition:
+                if self._due and self._pid == pid:
+                    self._ensure_thread()
+
     def _run(self, generation: int) -> None:
         try:
             while self._pass(generation):
@@ -207,8 +220,13 @@ class LeaseRenewer:
                 return True
             self._busy_since = now
         for lease in due:
-            if generation != self._generation:
-                return False
+            with self._condition:
+                if generation != self._generation:
+                    return False
+                if lease in self._due:
+                    # In flight: a replacement thread must not block on it too; the renewal
+                    # reschedules it.
+                    self._due[lease] = math.inf
             try:
                 self._renew(lease)
             except Exception:

@@ -1,0 +1,455 @@
+"""The Redis throttle protocol's invariants (README, "Throttle protocol"), each tested on
+the real Redis, most through the public API.
+
+Several tests reproduce bugs of the first protocol and failed on it: a release that handed
+a slot to a caller already holding one (shortening its lease), keys that expired under a
+live handed-over holder, a line ordered by the last attempt instead of the first arrival,
+a renewer that one bad call stopped, receivers that leaked a lease, a key prefix read as a
+glob pattern.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.conf import settings
+
+import task_workflow.throttle as throttle_module
+from task_workflow.signals import slot_acquired, slot_released
+from task_workflow.tasks import ThrottleTimeout, throttle
+from task_workflow.throttle import RedisThrottleBackend, SlotGroup, get_backend
+from task_workflow.throttle import lease as lease_module
+from task_workflow.throttle.lease import LeaseRenewer, lease_renewer
+
+pytestmark = [pytest.mark.services]
+
+REDIS_URL = getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/15"
+
+
+def unique_name(label: str = "group") -> str:
+    return f"tests.protocol.{label}.{uuid.uuid4().hex[:12]}"
+
+
+def wait_for(condition, timeout: float = 5.0, message: str = "condition never held") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.002)
+
+
+@pytest.fixture(autouse=True)
+def fresh_backends():
+    throttle_module._backends.clear()
+    yield
+    throttle_module._backends.clear()
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def backend(client) -> Iterator[RedisThrottleBackend]:
+    prefix = f"tw-test:{uuid.uuid4().hex}:"
+    yield RedisThrottleBackend(client, prefix, restart_grace=0)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+
+
+def deadlines(backend, group: SlotGroup) -> dict[str, float]:
+    """Seconds left of each holder's lease in the store."""
+    return {slot.token: slot.expires_in for slot in backend.held_slots() if slot.group == group}
+
+
+def meta(group: SlotGroup) -> dict:
+    return {"task_name": group.task_name, "key": group.key, "concurrency": 2}
+
+
+# --- Releases and handoffs never touch another holder's lease ------------------------
+
+
+def test_a_waiter_that_took_a_lapsed_slot_is_not_handed_a_second_one(backend):
+    """The issue's reproduction: P (ttl 1 s) dies holding a slot; A holds the other; B is
+    refused and waits; when P's lease lapses B's next attempt takes it. A's release must
+    not "hand" its slot to B (who holds one) and overwrite B's 60 s lease with a 5 s claim:
+    the slot goes to nobody who waited, and later callers find at most two holders."""
+    group = SlotGroup(unique_name(), "region-1")
+    assert backend.acquire(group, "P", 2, 1.0, meta(group)).acquired  # then P dies
+    assert backend.acquire(group, "A", 2, 60.0, meta(group)).acquired
+    assert not backend.acquire(group, "B", 2, 60.0, meta(group)).acquired  # B is in line
+    wait_for(lambda: deadlines(backend, group)["P"] <= 0, message="P's lease never lapsed")
+    assert backend.acquire(group, "B", 2, 60.0, meta(group)).acquired  # B's next attempt
+
+    assert backend.release(group, "A")
+
+    assert deadlines(backend, group)["B"] > 55, "a release shortened B's lease"
+    assert backend.acquire(group, "C", 2, 60.0, meta(group)).acquired  # A's freed slot
+    assert not backend.acquire(group, "D", 2, 60.0, meta(group)).acquired
+    assert sorted(deadlines(backend, group)) == ["B", "C"]
+
+
+def test_every_grant_leaves_the_line(backend):
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "H", 1, 0.3, meta(group)).acquired
+    assert not backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+    assert backend.waiting(group) == ["W"]
+    wait_for(lambda: deadlines(backend, group)["H"] <= 0)
+    assert backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+    assert backend.waiting(group) == []
+
+
+def test_a_slot_handed_over_then_acquired_again_keeps_the_group_keys_alive(backend, client):
+    """A waiter handed a slot under the short claim may find it with its next acquire
+    (its own lease then applies); the group's keys must outlive that lease too."""
+    group = SlotGroup(unique_name())
+    holders = backend._keys(group)[0]
+    assert backend.acquire(group, "H", 1, 0.3, meta(group)).acquired
+    assert not backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+    assert backend.release(group, "H")  # handed to W under a 5 s claim
+    assert backend.acquire(group, "W", 1, 60.0, meta(group)).acquired  # the own-slot path
+
+    lease_left = deadlines(backend, group)["W"]
+    assert lease_left > 55
+    assert client.pttl(holders) / 1000 >= lease_left, "the group's keys expire under W's lease"
+    assert client.pttl(backend._keys(group)[1]) / 1000 >= lease_left
+
+
+def test_group_keys_outlive_every_lease_of_a_mixed_ttl_group(backend, client):
+    group = SlotGroup(unique_name())
+    holders, meta_key = backend._keys(group)[:2]
+    for token, ttl in (("long", 120.0), ("short", 0.2), ("mid", 30.0)):
+        assert backend.acquire(group, token, 3, ttl, meta(group)).acquired
+    assert backend.renew(group, "short", "", 0.2)
+    longest = max(deadlines(backend, group).values())
+    assert client.pttl(holders) / 1000 >= longest
+    assert client.pttl(meta_key) / 1000 >= longest
+
+
+# --- FIFO by first arrival --------------------------------------------------------------
+
+
+def test_waiters_are_served_in_order_of_first_arrival_however_often_they_attempt(backend):
+    """20 callers arrive in a known order; each attempts again many times, the last to
+    arrive most recently. Releases hand the slot over in order of first arrival."""
+    group = SlotGroup(unique_name())
+    arrivals = [f"w{n:02d}" for n in range(20)]
+    assert backend.acquire(group, "holder", 1, 60.0, meta(group)).acquired
+    for token in arrivals:
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    for token in reversed(arrivals):  # attempts again: must not move anyone in line
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    assert backend.waiting(group) == arrivals
+
+    granted, holder = [], "holder"
+    for _ in arrivals:
+        assert backend.release(group, holder)
+        [holder] = deadlines(backend, group)
+        granted.append(holder)
+    assert granted == arrivals
+
+
+def test_a_newcomer_does_not_take_a_lapsed_slot_ahead_of_the_line(backend):
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "dies", 1, 0.3, meta(group)).acquired
+    assert not backend.acquire(group, "first", 1, 60.0, meta(group)).acquired
+    wait_for(lambda: deadlines(backend, group)["dies"] <= 0)
+    assert not backend.acquire(group, "newcomer", 1, 60.0, meta(group)).acquired
+    assert backend.acquire(group, "first", 1, 60.0, meta(group)).acquired
+    assert backend.waiting(group) == ["newcomer"]
+
+
+def test_a_waiter_that_stops_attempting_drops_out_without_moving_the_others(backend, monkeypatch):
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "holder", 1, 60.0, meta(group)).acquired
+    for token in ("gone", "second", "third"):
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    wait_for(lambda: backend.waiting(group) == [], timeout=10, message="waiters never went stale")
+    for token in ("second", "third"):  # still attempting: alive again, in their places
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    assert backend.waiting(group) == ["second", "third"]
+    assert backend.release(group, "holder")
+    assert list(deadlines(backend, group)) == ["second"]
+
+
+def test_twenty_threads_are_granted_slots_in_arrival_order():
+    """The same through the public API: 20 threads arrive in order and wait (each
+    attempting again about once a second); the holder's release starts a chain of
+    handoffs in that order."""
+    name = unique_name("fifo")
+    backend = get_backend()
+    group = SlotGroup(name)
+    order: list[int] = []
+    holder = throttle(name=name, ttl=30).acquire()
+
+    def wait_in_line(n: int) -> None:
+        with throttle(name=name, ttl=30, wait=None):
+            order.append(n)
+
+    threads = []
+    for n in range(20):
+        thread = threading.Thread(target=wait_in_line, args=(n,))
+        thread.start()
+        threads.append(thread)
+        wait_for(lambda n=n: len(backend.waiting(group)) == n + 1, message=f"waiter {n} never queued")
+    holder.release()
+    for thread in threads:
+        thread.join(30)
+    assert order == list(range(20))
+
+
+# --- Fencing tokens -----------------------------------------------------------------------
+
+
+def test_fencing_tokens_strictly_increase_over_every_kind_of_grant(backend, client):
+    group = SlotGroup(unique_name())
+    tokens = [backend.acquire(group, "a", 2, 60.0, meta(group)).fencing_token]
+    tokens.append(backend.acquire(group, "b", 2, 60.0, meta(group)).fencing_token)
+    assert not backend.acquire(group, "c", 2, 60.0, meta(group)).acquired
+    assert not backend.acquire(group, "d", 2, 60.0, meta(group)).acquired
+    backend.release(group, "a")
+    handed = backend.wait_for_release(group, "c", 1.0)  # a handoff
+    assert handed is not None
+    assert handed.handed_over
+    tokens.append(handed.fencing_token)
+    backend.release(group, "b")
+    late = backend.cancel_wait(group, "d")  # handed over while giving up
+    assert late is not None
+    tokens.append(late.fencing_token)
+    listed = {slot.token: slot.fencing_token for slot in backend.held_slots() if slot.group == group}
+    assert listed == {"c": tokens[2], "d": tokens[3]}
+
+    client.delete(*backend._keys(group))  # the group's records are gone (expiry, loss)
+    tokens.append(backend.acquire(group, "e", 2, 60.0, meta(group)).fencing_token)
+    assert tokens == sorted(set(tokens)), tokens
+    assert all(isinstance(token, int) and token > 0 for token in tokens)
+
+
+def test_lease_carries_its_fencing_token_and_a_view_that_ends_before_the_store_deadline():
+    name = unique_name()
+    with throttle(name=name, ttl=20) as first:
+        pass
+    with throttle(name=name, ttl=20) as second:
+        [slot] = [s for s in get_backend().held_slots() if s.group.task_name == name]
+        assert slot.fencing_token == second.fencing_token
+        assert second.valid_until - time.monotonic() < slot.expires_in
+    assert second.fencing_token > first.fencing_token
+
+
+# --- Restart: a server that forgot its leases grants nothing for a grace ---------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[redis.Redis]:
+    """A Redis server of this test's own (own port and directory, no persistence)."""
+    port, directory = free_port(), tempfile.mkdtemp(prefix="tw-redis-")
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        wait_for(lambda: _pings(client), message="own redis-server never answered")
+        yield client
+    finally:
+        client.close()
+        process.kill()
+        process.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def test_a_freshly_started_server_grants_nothing_until_its_restart_grace_has_passed(own_redis):
+    backend = RedisThrottleBackend(own_redis, "tw:", restart_grace=2.0)
+    group = SlotGroup(unique_name())
+    refused = backend.acquire(group, "early", 1, 60.0, meta(group))
+    assert not refused.acquired
+    assert 0 < refused.retry_after <= 2.0
+    uptime = own_redis.info("server")["uptime_in_seconds"]
+    assert uptime < 2
+    wait_for(lambda: backend.acquire(group, "later", 1, 60.0, meta(group)).acquired, timeout=5)
+    assert own_redis.info("server")["uptime_in_seconds"] >= 2
+
+
+# --- The lease renewer survives bad calls --------------------------------------------
+
+
+class BlockingRenewals(RedisThrottleBackend):
+    """Renewals of the tokens in ``blocked`` hang until ``unblock`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocked: set[str] = set()
+        self.unblock = threading.Event()
+        self.renewed: dict[str, int] = {}
+
+    def renew(self, group, token, slot, ttl):
+        if token in self.blocked:
+            self.unblock.wait(30)
+        self.renewed[token] = self.renewed.get(token, 0) + 1
+        return super().renew(group, token, slot, ttl)
+
+
+@pytest.fixture
+def renewer(monkeypatch) -> Iterator[LeaseRenewer]:
+    """A private renewer that replaces a stuck thread within half a second."""
+    renewer = LeaseRenewer()
+    renewer.STALL_AFTER = 0.5
+    renewer.WATCHDOG_PERIOD = 0.05
+    monkeypatch.setattr(lease_module, "lease_renewer", renewer)
+    monkeypatch.setattr(throttle_module, "lease_renewer", renewer)
+    yield renewer
+    with renewer._condition:
+        renewer._due.clear()
+
+
+def test_a_renewal_that_hangs_marks_its_lease_lost_when_the_lease_runs_out(client, renewer):
+    backend = BlockingRenewals(client, f"tw-test:{uuid.uuid4().hex}:", restart_grace=0)
+    group = SlotGroup(unique_name())
+    try:
+        backend.blocked.add("stuck")
+        sent_at = time.monotonic()
+        assert backend.acquire(group, "stuck", 1, 0.6, meta(group)).acquired
+        lease = lease_module.Lease(
+            backend, group, "stuck", "", 0.6, valid_until=lease_module.lease_view(sent_at, 0.6)
+        )
+        renewer.add(lease)
+        wait_for(lambda: lease.lost, timeout=3, message="a hanging renewal left the lease believed")
+        assert time.monotonic() - sent_at < 0.6, "lost was late: the store may have given the slot away"
+    finally:
+        backend.unblock.set()
+
+
+def test_a_hanging_renewal_does_not_stop_the_other_leases_renewals(client, renewer, caplog):
+    backend = BlockingRenewals(client, f"tw-test:{uuid.uuid4().hex}:", restart_grace=0)
+    group = SlotGroup(unique_name())
+    try:
+        backend.blocked.add("stuck")
+        leases = {}
+        for token in ("stuck", "healthy"):
+            sent_at = time.monotonic()
+            assert backend.acquire(group, token, 2, 1.5, meta(group)).acquired
+            leases[token] = lease_module.Lease(
+                backend, group, token, "", 1.5, valid_until=lease_module.lease_view(sent_at, 1.5)
+            )
+            renewer.add(leases[token])
+        with caplog.at_level(logging.ERROR, logger="task_workflow.throttle.lease"):
+            wait_for(lambda: backend.renewed.get("healthy", 0) >= 3, timeout=5, message="renewals stopped")
+        assert not leases["healthy"].lost
+        assert leases["stuck"].lost
+        assert renewer.restarts >= 1
+        assert "hangs" in caplog.text
+    finally:
+        backend.unblock.set()
+
+
+def test_an_unexpected_error_in_the_renewer_is_logged_and_renewals_go_on(monkeypatch, caplog):
+    failures = iter([RuntimeError("boom")])
+
+    def failing_once() -> None:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(lease_module, "close_old_connections", failing_once)
+    name = unique_name()
+    with caplog.at_level(logging.ERROR, logger="task_workflow.throttle.lease"):
+        with throttle(name=name, ttl=0.6) as lease:
+            first = lease.valid_until
+            wait_for(lambda: lease.valid_until > first + 0.3, timeout=3, message="renewals stopped")
+            assert not lease.lost
+    assert "boom" in caplog.text
+
+
+def test_a_renewer_thread_that_died_is_replaced(renewer, caplog):
+    caplog.set_level(logging.ERROR, logger="task_workflow.throttle.lease")
+    name = unique_name()
+    with throttle(name=name, ttl=0.6):
+        pass
+    with renewer._condition:
+        renewer._thread = threading.Thread(target=lambda: None)  # a thread that has ended
+        renewer._thread.start()
+        renewer._thread.join()
+    with throttle(name=name, ttl=0.6) as lease:
+        first = lease.valid_until
+        wait_for(lambda: lease.valid_until > first + 0.3, timeout=3, message="not renewed")
+    assert "died" in caplog.text
+
+
+# --- Signals: a receiver that raises neither leaks the lease nor fails the work ---------
+
+
+@pytest.mark.parametrize("signal", [slot_acquired, slot_released], ids=["acquired", "released"])
+def test_a_raising_signal_receiver_neither_leaks_the_slot_nor_fails_the_body(signal, caplog):
+    name = unique_name()
+
+    def raising(sender, lease, **kwargs):
+        if sender.task_name == name:
+            raise RuntimeError("receiver broke")
+
+    signal.connect(raising, weak=False)
+    try:
+        with caplog.at_level(logging.ERROR), throttle(name=name, ttl=30) as lease:
+            result = "done"
+    finally:
+        signal.disconnect(raising)
+    assert result == "done"
+    assert lease.released
+    assert lease not in lease_renewer.held()
+    assert [s for s in get_backend().held_slots() if s.group.task_name == name] == []
+    assert "receiver broke" in caplog.text
+
+
+# --- Listing: the key prefix is a literal, not a pattern -----------------------------
+
+
+def test_listing_reads_only_its_own_prefix_even_with_glob_characters(client):
+    base = f"tw-test:{uuid.uuid4().hex}:"
+    globbed = RedisThrottleBackend(client, base + "[ab]*?:", restart_grace=0)
+    other = RedisThrottleBackend(client, base + "a-other:", restart_grace=0)
+    group = SlotGroup(unique_name())
+    try:
+        assert other.acquire(group, "theirs", 1, 30.0, meta(group)).acquired
+        assert globbed.acquire(group, "ours", 1, 30.0, meta(group)).acquired
+        assert [slot.token for slot in globbed.held_slots()] == ["ours"]
+    finally:
+        client.delete(*client.keys(base.encode() + b"*"))
+
+
+def test_throttle_calls_have_a_socket_timeout_of_their_own(client):
+    backend = get_backend()
+    assert isinstance(backend, RedisThrottleBackend)
+    kwargs = backend.client.connection_pool.connection_kwargs
+    assert 0 < kwargs["socket_timeout"] <= settings.TASK_WORKFLOW.get("THROTTLE_SOCKET_TIMEOUT", 5.0)
+
+
+def test_outside_a_task_a_full_group_times_out():
+    name = unique_name()
+    with throttle(name=name, ttl=30), pytest.raises(ThrottleTimeout):
+        throttle(name=name, ttl=30, wait=0.05).acquire()
