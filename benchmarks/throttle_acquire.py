@@ -42,7 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/13"
+#: Flushed; ``BENCH_REDIS_URL`` picks another database.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL") or "redis://127.0.0.1:6379/13"
 TARGET = 1.3
 TTL = 30.0
 

@@ -44,7 +44,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/13"
+#: Flushed; ``BENCH_REDIS_URL`` picks another database.
+REDIS_URL = os.environ.get("BENCH_REDIS_URL") or "redis://127.0.0.1:6379/13"
 WARMUP = 20
 HOLD_BEFORE_RELEASE = 0.020
 TARGETS_MS = {"p50": 1.0, "p99": 5.0}
