@@ -23,7 +23,7 @@ pair under the same conditions, so ``throttle / raw`` is the library's own share
 PING line shows this machine's wake-up cost: a round trip after 20 ms idle (Redis and the
 client asleep) is far slower than back to back, and every handoff starts from idle.
 
-Targets (Redis backend): p50 <= 1 ms, p99 <= 5 ms. For contrast the same runs on the
+Targets (Redis backend): p50 <= 1 ms, p99 <= 3 ms. For contrast the same runs on the
 generic backend over Django's DatabaseCache (SQLite in a temporary directory,
 ``TEST_DATABASE=sqlite``), whose waiters poll every 50 ms instead of being woken (there
 A holds 20-70 ms, at random, so releases fall at every phase of B's polling);
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("BENCH_REDIS_URL") or "redis://127.0.0.1:6379/13"
 WARMUP = 20
 HOLD_BEFORE_RELEASE = 0.020
-TARGETS_MS = {"p50": 1.0, "p99": 5.0}
+TARGETS_MS = {"p50": 1.0, "p99": 3.0}
 RAW_KEY, RAW_WAKE = "bench:handoff:raw", "bench:handoff:raw:wake"
 
 
