@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from celery import Task
-from celery._state import get_current_task
 from celery.exceptions import Ignore, Reject, Retry
 from django.db import models, router, transaction
 from django_fsm import TransitionNotAllowed
@@ -29,6 +28,7 @@ from django_fsm import TransitionNotAllowed
 from .conf import get_setting
 from .exceptions import EntityNotFound, ImproperlyDecorated, InvalidEntityUuid, TransitionNotPermitted
 from .models import TransitionRecord
+from .running import running_task
 
 logger = logging.getLogger(__name__)
 
@@ -60,27 +60,6 @@ class TransitionOrigin:
         if task is None:
             return cls()
         return cls(task_name=str(task.name), task_id=str(task.request.id or ""))
-
-
-def running_task(run: Callable[..., Any] | None = None) -> Task | None:
-    """The Celery task executing in this thread, or ``None``: also when its function is
-    called directly rather than run by Celery, and, given ``run``, when the running task's
-    function is not (a wrapper of) ``run`` (``run`` was called from another task's body)."""
-    task = get_current_task()
-    if task is None or task.request.called_directly:
-        return None
-    if run is not None and not _task_runs(task, run):
-        return None
-    return task
-
-
-def _task_runs(task: Task, func: Callable[..., Any]) -> bool:
-    current: Any = getattr(task.run, "__func__", task.run)
-    while current is not None:
-        if current is func:
-            return True
-        current = getattr(current, "__wrapped__", None)
-    return False
 
 
 def _marker_key(model: type[models.Model], entity_uuid: uuid_module.UUID, transition_name: str) -> str:

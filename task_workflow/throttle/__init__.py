@@ -44,8 +44,8 @@ from redis import BlockingConnectionPool, ConnectionPool, Redis
 
 from ..conf import get_setting
 from ..exceptions import ImproperlyDecorated, TaskWorkflowError
+from ..running import running_task
 from ..signals import slot_acquired
-from ..transitions import running_task
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 from .cache_backend import CacheThrottleBackend
 from .database_backend import DatabaseCacheThrottleBackend
