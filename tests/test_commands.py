@@ -193,9 +193,11 @@ def test_json_lists_objects_with_machine_readable_fields(hold, names):
         "expires_in",
         "expired",
         "token",
+        "fencing_token",
         "ref",
     }
     assert (row["task_name"], row["key"], row["token"]) == (names.a, "k", lease.token)
+    assert row["fencing_token"] == lease.fencing_token
     assert (row["in_use"], row["concurrency"], row["usage"]) == (1, 2, "1 of 2")
     assert row["task_id"] is None  # held outside a task
     assert isinstance(row["pid"], int)

@@ -76,6 +76,7 @@ def row_as_dict(row: LockRow) -> dict[str, Any]:
         "expires_in": round(slot.expires_in, 3),
         "expired": slot.expired,
         "token": slot.token,
+        "fencing_token": slot.fencing_token,
         "ref": slot.ref,
     }
 
