@@ -39,8 +39,10 @@ from celery import Task
 from celery.exceptions import Retry
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
+from django.db import DatabaseError
 from django_redis.cache import RedisCache as DjangoRedisCache
 from redis import BlockingConnectionPool, ConnectionPool, Redis
+from redis.exceptions import RedisError
 
 from ..conf import get_setting
 from ..exceptions import ImproperlyDecorated, TaskWorkflowError
@@ -83,6 +85,31 @@ HOSTNAME = socket.gethostname()
 
 #: Message header counting throttle re-queues (drives the backoff; not ``retries``).
 THROTTLE_ATTEMPT_HEADER = "task_workflow_throttle_attempt"
+
+
+def _client_errors() -> tuple[type[Exception], ...]:
+    """The error classes of the Memcached clients Django supports, where installed."""
+    found: list[type[Exception]] = []
+    try:
+        from pymemcache.exceptions import MemcacheError
+
+        found.append(MemcacheError)
+    except ImportError:
+        pass
+    try:
+        import pylibmc
+
+        found.append(pylibmc.Error)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+#: What "the slot store is unreachable (or failing)" looks like: socket errors, Redis
+#: errors, database errors, Memcached client errors. Only these fail closed into a
+#: re-queue; anything else (a soft time limit, worker shutdown, ``KeyboardInterrupt``, a
+#: bug) propagates, after the waiter left the line.
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, RedisError, DatabaseError, *_client_errors())
 
 
 class ThrottleTimeout(TaskWorkflowError):
@@ -312,9 +339,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         }
         try:
             result, valid_until = self._wait_for_slot(backend, group, token, ttl, wait, metadata)
-        except (RecursionError, MemoryError):
-            raise
-        except Exception as exc:
+        except STORE_ERRORS as exc:
             logger.error("Throttle %s: slot store unreachable (%s); not running unthrottled", group, exc)
             if task is None:
                 raise ThrottleUnavailable(f"throttle {group}: slot store unreachable: {exc}") from exc

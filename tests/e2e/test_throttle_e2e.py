@@ -479,3 +479,28 @@ def test_the_slot_store_stopped_mid_run_fails_closed_then_recovers(
     done = task_events.wait_for_id(second.id, timeout=TIMEOUT)
     assert done["type"] == "task-succeeded", done
     assert [r["task_id"] for r in read_records(list_key)] == [first.id, second.id]
+
+
+# -- a soft time limit while waiting ----------------------------------------------------------
+
+
+def test_a_soft_time_limit_while_waiting_for_a_slot_fails_the_task_and_leaves_the_line(
+    target: Target, task_events: TaskEvents
+):
+    """A time limit is not "slot store unreachable": the task fails with
+    SoftTimeLimitExceeded within its limit (it used to be re-queued again and again, and
+    end SUCCESS long after), the waiter leaves the line and no slot leaks."""
+    run = new_run()
+    name, key, channel = f"tests.e2e.softlimit.{run}", "k", f"tw-test:softlimit:{run}"
+    with target.gate(name, key, ttl=30, wait=0):  # the slot stays busy throughout
+        result = throttle_tasks.wait_past_soft_limit.apply_async(
+            args=(channel, name, key), queue=target.queue
+        )
+        assert recorder().blpop([f"{channel}:waiting"], timeout=TIMEOUT) is not None
+        final = task_events.wait_for_id(result.id, timeout=TIMEOUT)
+        assert final["type"] == "task-failed", final
+        assert "SoftTimeLimitExceeded" in final["exception"], final
+        assert target.backend().waiting(SlotGroup(name, key)) == []
+        assert len(target.held(name, key)) == 1  # our own slot alone
+    assert read_records(f"{channel}:ran") == []
+    assert target.held(name, key) == []

@@ -201,3 +201,16 @@ def contend(self: Any, channel: str, name: str, key: str, hold: float, ttl: floa
     with throttle(key=key, name=name, ttl=ttl, wait=None):
         _hold_and_record(self, f"{channel}:holds", f"{name}[{key}]", 1, hold, requested)
     return os.getpid()
+
+
+# -- a time limit while waiting for a slot ---------------------------------------------------
+
+
+@shared_task(name="tests.throttle.wait_past_soft_limit", bind=True, soft_time_limit=1)
+def wait_past_soft_limit(self: Any, channel: str, name: str, key: str) -> str:
+    """Wait for a busy slot (``wait=None``) until the soft time limit interrupts the wait;
+    ``<channel>:ran`` records a body that ran anyway."""
+    record(f"{channel}:waiting", task_id=self.request.id, pid=os.getpid())
+    with throttle(key=key, name=name, ttl=30, wait=None):
+        record(f"{channel}:ran", task_id=self.request.id)
+    return "ran"
