@@ -28,7 +28,7 @@ from django_fsm import TransitionNotAllowed
 from .conf import get_setting
 from .exceptions import EntityNotFound, ImproperlyDecorated, InvalidEntityUuid, TransitionNotPermitted
 from .models import TransitionRecord
-from .running import running_task
+from .running import celery_will_retry, running_task
 
 logger = logging.getLogger(__name__)
 
@@ -66,23 +66,49 @@ def _marker_key(model: type[models.Model], entity_uuid: uuid_module.UUID, transi
     return f"{model._meta.label}:{entity_uuid}:{transition_name}"
 
 
-def _applied_state(task: Task | None, marker_key: str) -> str | None:
-    """The state an earlier run of this message left the entity in, if it applied the
-    transition already."""
+@dataclass(frozen=True)
+class Application:
+    """What one application of a transition left behind: the state, and when it was set
+    (``state_changed_at`` of a StateMixin model), so a re-run can tell "still the state
+    this message left" from "left it, then came back to the same state name" (ABA)."""
+
+    state: str
+    changed_at: str | None = None
+
+    @classmethod
+    def of(cls, entity: models.Model) -> Application:
+        changed_at = getattr(entity, "state_changed_at", None)
+        return cls(str(entity.state), None if changed_at is None else changed_at.isoformat())  # type: ignore[attr-defined]
+
+    def as_header(self) -> dict[str, str | None]:
+        return {"state": self.state, "changed_at": self.changed_at}
+
+    @classmethod
+    def from_header(cls, value: Any) -> Application | None:
+        if isinstance(value, str):  # a message from before changed_at was recorded
+            return cls(value)
+        if isinstance(value, dict) and isinstance(value.get("state"), str):
+            changed_at = value.get("changed_at")
+            return cls(value["state"], changed_at if isinstance(changed_at, str) else None)
+        return None
+
+
+def _applied(task: Task | None, marker_key: str) -> Application | None:
+    """What an earlier run of this message left the entity in, if it applied the
+    transition already (recorded in the message headers, which re-queues carry)."""
     if task is None:
         return None
     applied = (task.request.headers or {}).get(APPLIED_TRANSITIONS_HEADER) or {}
-    state = applied.get(marker_key)
-    return state if isinstance(state, str) else None
+    return Application.from_header(applied.get(marker_key))
 
 
-def _record_applied(task: Task | None, marker_key: str, state: str) -> None:
+def _record_applied(task: Task | None, marker_key: str, application: Application) -> None:
     if task is None:
         return
     headers = dict(task.request.headers or {})
     headers[APPLIED_TRANSITIONS_HEADER] = {
         **(headers.get(APPLIED_TRANSITIONS_HEADER) or {}),
-        marker_key: state,
+        marker_key: application.as_header(),
     }
     task.request.headers = headers
 
@@ -180,24 +206,61 @@ def apply_transition(
 
 
 def _load_unchanged(
-    model: type[ModelT], entity_uuid: uuid_module.UUID | str, transition_name: str, applied_state: str
+    model: type[ModelT], entity_uuid: uuid_module.UUID, transition_name: str, applied: Application
 ) -> ModelT:
-    """Load the entity for a re-run whose transition was applied by an earlier run; it
-    must still be in the state that run left it in."""
-    key = parse_entity_uuid(model, entity_uuid)
-    try:
-        entity = model._default_manager.get(uuid=key)
-    except model.DoesNotExist:  # type: ignore[attr-defined]
-        raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
-    state = entity.state  # type: ignore[attr-defined]
-    if state != applied_state:
+    """Load the entity for a re-run whose transition was applied by an earlier run of the
+    same message: it must still be in the state that run left it in, set by that run
+    (not set again since by another task). Read from the primary, never a replica."""
+    entity = _load_from_primary(model, entity_uuid)
+    now = Application.of(entity)
+    moved = now.state != applied.state
+    if moved or (applied.changed_at is not None and now.changed_at != applied.changed_at):
+        since = "moved to" if moved else "left it and come back to"
         raise TransitionNotPermitted(
-            f"{model._meta.label} {key}: transition {transition_name!r} was applied by an earlier run "
-            f"of this task (to {applied_state!r}), but the entity has since moved to {state!r}",
-            uuid=key,
-            state=state,
+            f"{model._meta.label} {entity_uuid}: transition {transition_name!r} was applied by an earlier "
+            f"run of this task (to {applied.state!r}), but the entity has since {since} {now.state!r}",
+            uuid=entity_uuid,
+            state=now.state,
             transition=transition_name,
         )
+    return entity
+
+
+def _load_from_primary(model: type[ModelT], entity_uuid: uuid_module.UUID) -> ModelT:
+    try:
+        return model._default_manager.using(router.db_for_write(model)).get(uuid=entity_uuid)
+    except model.DoesNotExist:  # type: ignore[attr-defined]
+        raise EntityNotFound(
+            f"{model._meta.label} with uuid {entity_uuid} does not exist", uuid=entity_uuid
+        ) from None
+
+
+def _applied_by_this_message(
+    model: type[ModelT], entity_uuid: uuid_module.UUID, transition_name: str, task: Task | None
+) -> ModelT | None:
+    """The entity, if durable state shows that this very message (same task id) applied
+    the transition and nothing has changed the entity since: a message redelivered after
+    its worker died (``acks_late``) resumes instead of failing its own transition. Needs
+    the transition history; without it, ``None``."""
+    if task is None or not task.request.id or not get_setting("TRANSITION_HISTORY"):
+        return None
+    using = router.db_for_write(model)
+    entity = _load_from_primary(model, entity_uuid)
+    latest = TransitionRecord.objects.db_manager(using).for_entity(entity).first()
+    if (
+        latest is None
+        or latest.task_id != str(task.request.id)
+        or latest.transition != transition_name
+        or latest.target_state != entity.state  # type: ignore[attr-defined]
+    ):
+        return None
+    logger.warning(
+        "%s %s: transition %r was applied by an earlier delivery of task %s (redelivered); resuming",
+        model._meta.label,
+        entity_uuid,
+        transition_name,
+        task.request.id,
+    )
     return entity
 
 
@@ -316,18 +379,26 @@ def transition(
             task = running_task(run_with_transition)
             key = parse_entity_uuid(model, entity_uuid)
             marker_key = _marker_key(model, key, transition_name)
-            applied_state = _applied_state(task, marker_key)
-            if applied_state is None:
-                entity = apply_transition(model, key, transition_name)
-                _record_applied(task, marker_key, entity.state)  # type: ignore[attr-defined]
+            applied = _applied(task, marker_key)
+            if applied is None:
+                try:
+                    entity = apply_transition(model, key, transition_name)
+                except TransitionNotPermitted:
+                    resumed = _applied_by_this_message(model, key, transition_name, task)
+                    if resumed is None:
+                        raise
+                    entity = resumed
+                _record_applied(task, marker_key, Application.of(entity))
             else:
-                entity = _load_unchanged(model, key, transition_name, applied_state)
+                entity = _load_unchanged(model, key, transition_name, applied)
             try:
                 return func(*args, **kwargs, **{ENTITY_ARGUMENT: entity})
             except CONTROL_FLOW_EXCEPTIONS:
                 raise
             except Exception as exc:
-                if on_error is not None:
+                # An attempt that Celery retries is not the task's failure: the error
+                # transition waits for the final one (retries exhausted, or not retried).
+                if on_error is not None and not (task is not None and celery_will_retry(task, exc)):
                     apply_error_transition(model, key, on_error, exc)
                 raise
 

@@ -46,7 +46,7 @@ def hold_slot(name: str, key: str, seconds: float, concurrency: int = 1) -> int:
     return os.getpid()
 
 
-from . import throttle_tasks  # noqa: E402,F401
+from . import guard_tasks, throttle_tasks  # noqa: E402,F401
 
 
 @task_prerun.connect(weak=False)

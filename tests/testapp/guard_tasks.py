@@ -1,0 +1,67 @@
+"""Tasks of the transition-guard tests (tests/test_transition_guard.py and
+tests/e2e/test_transition_guard_e2e.py): Celery's retries, redelivery and re-runs around
+``@transition``. Each body records its runs (``BodyRun``) so tests count them across
+processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from celery import shared_task
+
+from task_workflow.tasks import transition
+
+from .models import BodyRun, Volume
+
+
+class TransientBackendError(Exception):
+    """What a cloud call raises for a moment (Celery retries it)."""
+
+
+def _runs(task_name: str, volume: Volume) -> int:
+    BodyRun.objects.create(task=task_name, entity_uuid=volume.uuid, state_seen=volume.state)
+    return BodyRun.objects.filter(task=task_name, entity_uuid=volume.uuid).count()
+
+
+@shared_task(
+    name="tests.guard.update_with_autoretry",
+    bind=True,
+    autoretry_for=(TransientBackendError,),
+    retry_kwargs={"max_retries": 2, "countdown": 0},
+)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_with_autoretry(self: Any, volume_uuid: str, fail_times: int, transition_entity=None) -> int:
+    """Fails with a transient error on its first ``fail_times`` runs, then succeeds."""
+    runs = _runs(self.name, transition_entity)
+    if runs <= fail_times:
+        raise TransientBackendError(f"backend busy (run {runs})")
+    return runs
+
+
+@shared_task(name="tests.guard.update_with_self_retry", bind=True, max_retries=1)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_with_self_retry(self: Any, volume_uuid: str, fail_times: int, transition_entity=None) -> int:
+    """The body retries itself (``self.retry``) on its first ``fail_times`` runs."""
+    runs = _runs(self.name, transition_entity)
+    if runs <= fail_times:
+        raise self.retry(exc=TransientBackendError(f"backend busy (run {runs})"), countdown=0)
+    return runs
+
+
+@shared_task(name="tests.guard.update_crashing_once", bind=True, acks_late=True, reject_on_worker_lost=True)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_crashing_once(self: Any, volume_uuid: str, transition_entity=None) -> int:
+    """Its worker process dies (SIGKILL) in the first run, after the transition committed;
+    the redelivered message runs the body again."""
+    runs = _runs(self.name, transition_entity)
+    if runs == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return runs
+
+
+@shared_task(name="tests.guard.finish_update")
+@transition(Volume, "set_ok")
+def finish_update(volume_uuid: str, transition_entity=None) -> str:
+    return str(transition_entity.state)
