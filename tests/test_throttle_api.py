@@ -917,3 +917,45 @@ def test_eager_requeues_are_bounded_while_the_slot_stays_busy(store):
     assert isinstance(result.result, ThrottleTimeout)
     assert "gave up after 3 eager re-runs" in str(result.result)
     assert guarded_plain.apply(args=(key,)).result == "ran"
+
+
+# --- broker and slot store down at once ------------------------------------------------------
+
+
+@shared_task(name="tests.api.update_volume_store_down", bind=True)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_volume_store_down(self, volume_uuid, transition_entity=None):
+    """A transition body whose throttle finds the slot store unreachable."""
+    with throttle(key="store-down", cache="dead"):
+        return "ran"
+
+
+@pytest.mark.django_db
+def test_broker_down_too_rejects_the_message_back_and_does_not_err_the_entity(monkeypatch):
+    """Redis is the broker and the slot store and it is down: the fail-closed re-queue
+    cannot publish. That is an outage, not an error of the entity: Celery's Reject
+    (requeue) goes back to the broker; the entity stays where the transition put it."""
+    from celery._state import _task_stack
+    from celery.exceptions import Reject
+    from kombu.exceptions import OperationalError
+
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to broker: Connection refused")
+
+    monkeypatch.setattr(Signature, "apply_async", broker_down)
+    volume = Volume.objects.create(state=Volume.States.UPDATE_SCHEDULED)
+    task = update_volume_store_down
+    with override_settings(CACHES={**settings.CACHES, "dead": DEAD_CACHE}):
+        # As a worker runs it (not eager: a real re-queue is published).
+        _task_stack.push(task)
+        task.push_request(id=str(uuid.uuid4()), is_eager=False, called_directly=False, retries=0, headers={})
+        try:
+            with pytest.raises(Reject) as raised:
+                task.run(str(volume.uuid))
+        finally:
+            task.pop_request()
+            _task_stack.pop()
+    assert raised.value.requeue is True
+    assert "could not take the re-queued task" in str(raised.value.reason)
+    volume.refresh_from_db()
+    assert (volume.state, volume.error_message) == (Volume.States.UPDATING, "")

@@ -36,7 +36,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 
 from celery import Task
-from celery.exceptions import Retry
+from celery.exceptions import Reject, Retry
 from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
 from django.db import DatabaseError
@@ -207,6 +207,11 @@ def requeue(task: Task, reason: str) -> Retry:
 
     Unlike ``task.retry()`` this keeps ``request.retries`` (throttling does not use up
     ``max_retries``) while the message keeps its id, chain, callbacks and errbacks.
+
+    If the broker cannot take the message either (a Redis that is broker and slot store
+    at once is down), raises Celery's ``Reject(requeue=True)``: control flow, not a
+    failure of the task (no error transition), and with ``acks_late`` the broker delivers
+    the message again once it is back.
     """
     request = task.request
     headers = dict(request.headers or {})
@@ -219,7 +224,16 @@ def requeue(task: Task, reason: str) -> Retry:
     message = f"{reason}; re-queued in {countdown:.1f}s (throttle attempt {attempt})"
     if request.is_eager:  # apply() runs the signature again itself
         return Retry(message, when=cast(Any, countdown), is_eager=True, sig=signature)
-    signature.apply_async()
+    try:
+        signature.apply_async()
+    except Exception as exc:
+        logger.error(
+            "Throttle: could not re-queue %s[%s] (%s); rejecting it back to the broker",
+            task.name,
+            request.id,
+            exc,
+        )
+        raise Reject(f"{reason}; the broker could not take the re-queued task: {exc}", requeue=True) from exc
     return Retry(message, when=cast(Any, countdown), sig=signature)
 
 
