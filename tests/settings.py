@@ -25,7 +25,7 @@ if os.environ.get("THROTTLE_REDIS_URL"):
     }
     # That Redis is started (and restarted) by the test: a short restart grace (README,
     # "When Redis restarts"), so the test need not wait a whole LOCK_TTL after each start.
-    TASK_WORKFLOW = {  # noqa: F405
+    TASK_WORKFLOW = {
         **TASK_WORKFLOW,  # noqa: F405
         "CACHE": "locks",
         "THROTTLE_RESTART_GRACE": float(os.environ.get("THROTTLE_RESTART_GRACE", "1")),
