@@ -10,10 +10,12 @@ transition and left the entity stuck in ``updating``.
 from __future__ import annotations
 
 import pytest
+from django.db import connection
 
 from task_workflow.models import TransitionRecord
 from tests.testapp import guard_tasks
 from tests.testapp.models import BodyRun, Volume
+from tests.testapp.throttle_tasks import recorder
 from tests.workers import TaskEvents
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -113,3 +115,53 @@ def test_another_message_for_an_entity_in_its_transitional_state_is_still_refuse
     assert "TransitionNotPermitted" in final["exception"]
     assert stored(volume) == (S.UPDATING, "")
     assert [name for name, _ in history(volume)] == ["begin_updating"]
+
+
+# -- PostgreSQL connection killed mid-transition ------------------------------------------------
+
+
+def kill_backend_when_paused(volume: Volume, transition_name: str) -> None:
+    """Wait until the worker paused inside ``transition_name`` (row locked, state changed
+    in memory, not saved), terminate its PostgreSQL session, then let it go on."""
+    channel = f"tw-test:pgkill:{volume.uuid}:{transition_name}"
+    popped = recorder().blpop([f"{channel}:pid"], timeout=TIMEOUT)
+    assert popped is not None, f"the worker never paused in {transition_name}"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [int(popped[1])])
+        assert cursor.fetchone() == (True,)
+    recorder().rpush(f"{channel}:go", "1")
+
+
+def later_tasks_succeed(task_events: TaskEvents, count: int = 4) -> None:
+    """Tasks sent after the kill run on fresh connections (every pool process)."""
+    volumes = [Volume.objects.create(state=S.UPDATE_SCHEDULED) for _ in range(count)]
+    results = [guard_tasks.update_then_fail.apply_async(args=(str(v.uuid), False)) for v in volumes]
+    for result in results:
+        assert task_events.wait_for_id(result.id, timeout=TIMEOUT)["type"] == "task-succeeded"
+    assert {stored(v) for v in volumes} == {(S.UPDATING, "")}
+
+
+def test_connection_killed_during_the_transition_applies_nothing_and_fails_clearly(task_events: TaskEvents):
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED, size=7001)
+    result = guard_tasks.update_then_fail.apply_async(args=(str(volume.uuid), False))
+    kill_backend_when_paused(volume, "begin_updating")
+
+    final = task_events.wait_for_id(result.id, timeout=TIMEOUT)
+    assert final["type"] == "task-failed", final
+    assert "OperationalError" in final["exception"] or "InterfaceError" in final["exception"], final
+    assert stored(volume) == (S.UPDATE_SCHEDULED, "")
+    assert history(volume) == []
+    later_tasks_succeed(task_events)
+
+
+def test_connection_killed_during_the_error_transition_keeps_the_original_error(task_events: TaskEvents):
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED, size=7002)
+    result = guard_tasks.update_then_fail.apply_async(args=(str(volume.uuid), True))
+    kill_backend_when_paused(volume, "set_erred")
+
+    final = task_events.wait_for_id(result.id, timeout=TIMEOUT)
+    assert final["type"] == "task-failed", final
+    assert "TransientBackendError" in final["exception"], final  # the body's error, not the database's
+    assert stored(volume) == (S.UPDATING, "")  # the error transition did not half-apply
+    assert [name for name, _ in history(volume)] == ["begin_updating"]
+    later_tasks_succeed(task_events)

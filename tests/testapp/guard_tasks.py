@@ -10,6 +10,7 @@ import signal
 from typing import Any
 
 from celery import shared_task
+from django_fsm.signals import post_transition
 
 from task_workflow.tasks import transition
 
@@ -64,4 +65,37 @@ def update_crashing_once(self: Any, volume_uuid: str, transition_entity=None) ->
 @shared_task(name="tests.guard.finish_update")
 @transition(Volume, "set_ok")
 def finish_update(volume_uuid: str, transition_entity=None) -> str:
+    return str(transition_entity.state)
+
+
+# -- the database connection killed mid-transition ----------------------------------------------
+
+#: ``Volume.size`` values that make the transition of that name pause under its row lock
+#: (after the state change, before the save) until the test says go.
+PAUSE_IN_TRANSITION = {7001: "begin_updating", 7002: "set_erred"}
+
+
+def _pause_in_transition(sender: Any, instance: Any, name: str, **_: Any) -> None:
+    if sender is not Volume or PAUSE_IN_TRANSITION.get(instance.size) != name:
+        return
+    from django.db import connection
+
+    from .throttle_tasks import recorder
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    channel = f"tw-test:pgkill:{instance.uuid}:{name}"
+    recorder().rpush(f"{channel}:pid", str(pid))
+    recorder().blpop([f"{channel}:go"], timeout=30)
+
+
+post_transition.connect(_pause_in_transition, weak=False, dispatch_uid="tw-test-pause-in-transition")
+
+
+@shared_task(name="tests.guard.update_then_fail")
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_then_fail(volume_uuid: str, fail: bool = True, transition_entity=None) -> str:
+    if fail:
+        raise TransientBackendError("the backend said no")
     return str(transition_entity.state)
