@@ -26,6 +26,7 @@ from .transitions import (
     apply_error_transition,
     apply_transition,
     check_transition_name,
+    parse_entity_uuid,
     transition,
 )
 
@@ -80,4 +81,6 @@ def error_transition(
                              link_error=error_transition(Instance, uuid))
     """
     check_transition_name(model, transition_name)
-    return on_task_failure.s(model._meta.label, str(entity_uuid), transition_name)
+    # Checked now, where the mistake is made, not when the errback runs after a failure.
+    key = parse_entity_uuid(model, entity_uuid)
+    return on_task_failure.s(model._meta.label, str(key), transition_name)

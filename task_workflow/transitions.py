@@ -161,12 +161,14 @@ def apply_transition(
     """Lock the row, apply the named transition, save, commit; return the saved entity.
 
     Runs in its own transaction (or a savepoint, inside an outer one). Raises
-    ``InvalidEntityUuid``, ``EntityNotFound`` or ``TransitionNotPermitted``; in every
+    ``ImproperlyDecorated`` (no such transition), ``InvalidEntityUuid``, ``EntityNotFound``
+    or ``TransitionNotPermitted``; in every
     failure case nothing is written. ``error_message`` is stored on models that have
     that field (error transitions). Unless ``TASK_WORKFLOW['TRANSITION_HISTORY']`` is off,
     a :class:`~task_workflow.models.TransitionRecord` is written in the same transaction,
     attributed to ``origin`` (default: the running Celery task, if any).
     """
+    check_transition_name(model, transition_name)
     key = parse_entity_uuid(model, entity_uuid)
     using = router.db_for_write(model)
     with transaction.atomic(using=using):
