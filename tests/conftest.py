@@ -144,3 +144,31 @@ def cache_tables(django_db_setup, django_db_blocker) -> None:
 
     with django_db_blocker.unblock():
         call_command("createcachetable", verbosity=0)
+
+
+#: DatabaseCache tables that tests add as lock caches of their own (see ``committed_cache_tables``).
+TEST_LOCK_TABLES = ("tw_test_throttle_api", "tw_cmd_test_locks")
+
+
+@pytest.fixture(scope="session")
+def committed_cache_tables(django_db_setup, django_db_blocker) -> tuple[str, ...]:
+    """The tables of ``TEST_LOCK_TABLES``, created once and committed: the DatabaseCache
+    throttle backend works on private connections, which do not see a table created
+    inside a test's transaction. (Session-scoped, so it is set up before any test's
+    transaction begins.)"""
+    from django.core.management import call_command
+
+    with django_db_blocker.unblock():
+        for table in TEST_LOCK_TABLES:
+            call_command("createcachetable", table, verbosity=0)
+    return TEST_LOCK_TABLES
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_throttle_connections(request) -> Iterator[None]:
+    """The DatabaseCache throttle backend keeps private connections per thread: close them
+    before the test database is dropped (after every test of the session)."""
+    yield
+    from task_workflow.throttle.database_backend import close_private_connections
+
+    close_private_connections()

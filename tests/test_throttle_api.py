@@ -20,7 +20,6 @@ from celery.canvas import Signature
 from celery.exceptions import Retry
 from django.conf import settings
 from django.core.cache import caches
-from django.core.management import call_command
 from django.db import connections
 from django.test import override_settings
 
@@ -37,6 +36,7 @@ from task_workflow.tasks import (
 from task_workflow.throttle import (
     THROTTLE_ATTEMPT_HEADER,
     CacheThrottleBackend,
+    DatabaseCacheThrottleBackend,
     Lease,
     RedisThrottleBackend,
     SlotGroup,
@@ -44,7 +44,7 @@ from task_workflow.throttle import (
     requeue,
 )
 from task_workflow.throttle.lease import LeaseRenewer, lease_renewer
-from task_workflow.transitions import APPLIED_TRANSITIONS_HEADER
+from task_workflow.transitions import APPLIED_TRANSITIONS_HEADER, Application
 from tests.testapp.models import BodyRun, Volume
 
 REDIS_URL = getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/15"
@@ -120,13 +120,13 @@ def store_params(*, threads: bool):
 
 
 @pytest.fixture(params=store_params(threads=False))
-def store(request):
+def store(request, committed_cache_tables):
     """A slot store used by this thread only."""
     yield from make_store(request.param)
 
 
 @pytest.fixture(params=store_params(threads=True))
-def threaded_store(request):
+def threaded_store(request, committed_cache_tables):
     """A slot store used by other threads too (waiters, the lease renewer)."""
     yield from make_store(request.param)
 
@@ -144,7 +144,6 @@ def make_store(kind):
     if kind == "redis":
         config = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": prefix}
     else:
-        call_command("createcachetable", CACHE_TABLE, verbosity=0)
         config = {
             "BACKEND": "django.core.cache.backends.db.DatabaseCache",
             "LOCATION": CACHE_TABLE,
@@ -156,7 +155,9 @@ def make_store(kind):
         TASK_WORKFLOW={**settings.TASK_WORKFLOW, "CACHE": alias},
     ):
         backend = get_backend()
-        expected = RedisThrottleBackend if kind == "redis" else CacheThrottleBackend
+        expected = (
+            RedisThrottleBackend if kind == "redis" else (CacheThrottleBackend, DatabaseCacheThrottleBackend)
+        )
         assert isinstance(backend, expected)
         try:
             yield Store(alias, backend)
@@ -849,9 +850,11 @@ def test_throttle_retry_in_a_transition_body_is_not_an_error(store, runs):
     assert len(runs) == 2
     # The first run's transition recorded itself in the request headers, which the
     # re-queue carries to the re-run.
-    assert runs[0]["headers"][APPLIED_TRANSITIONS_HEADER] == {marker_key(volume): S.UPDATING}
+    applied = runs[0]["headers"][APPLIED_TRANSITIONS_HEADER]
+    assert applied == {marker_key(volume): Application.of(Volume.objects.get(pk=volume.pk)).as_header()}
+    assert applied[marker_key(volume)]["state"] == S.UPDATING
     assert THROTTLE_ATTEMPT_HEADER not in runs[0]["headers"]
-    assert runs[1]["headers"][APPLIED_TRANSITIONS_HEADER] == {marker_key(volume): S.UPDATING}
+    assert runs[1]["headers"][APPLIED_TRANSITIONS_HEADER] == applied
     assert runs[1]["headers"][THROTTLE_ATTEMPT_HEADER] == 1
     # on_error was never applied: the re-run found the entity at the target, no error.
     assert runs[1]["state"] == S.UPDATING

@@ -1,29 +1,46 @@
-"""The throttle backends' slot semantics, in-process, on both backends.
+"""The throttle backends' slot semantics, in-process, on every backend.
 
-``backend`` is a :class:`RedisThrottleBackend` on a raw client of the test Redis (db 15,
-a fresh key prefix per test) and a :class:`CacheThrottleBackend` on a Django
-``DatabaseCache`` (its own table, a fresh key prefix per test). Tests call the backend
-directly, as ``throttle`` does: ``acquire`` / ``release`` / ``renew`` / ``held_slots``.
+``backend`` is, in turn:
+
+- ``redis``: a :class:`RedisThrottleBackend` on a raw client of the test Redis (a fresh
+  key prefix per test);
+- ``database``: the :class:`DatabaseCacheThrottleBackend` on a Django ``DatabaseCache``
+  (its own table, a fresh key prefix per test) of the test database, PostgreSQL or SQLite;
+- ``generic-locmem`` and ``generic-database-cache``: the generic
+  :class:`CacheThrottleBackend` on a ``LocMemCache`` alias (one client per thread) and on
+  a ``DatabaseCache``.
+
+Tests call the backend directly, as ``throttle`` does: ``acquire`` / ``wait_for_release``
+/ ``cancel_wait`` / ``release`` / ``renew`` / ``held_slots`` / ``waiting``. The database
+backend works on connections of its own, so its tests commit (``transaction=True``).
 
 ``DatabaseCache`` stores expiry times in whole seconds (it drops the microseconds), so a
-lease there lives between ``ttl - 1`` and ``ttl`` seconds: tests that depend on expiry
-use longer TTLs on that backend (see :func:`timing`).
+lease of the generic backend there lives between ``ttl - 1`` and ``ttl`` seconds: tests
+that depend on expiry use longer TTLs on that backend (see :func:`timing`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis
 from django.conf import settings
+from django.core.cache import caches
 from django.core.cache.backends.db import DatabaseCache
+from django.core.cache.backends.locmem import LocMemCache
 from django.core.management import call_command
-from django.db import connections
+from django.db import connection, connections, transaction
+from django.test import override_settings
 from redis.crc import key_slot
 
 from task_workflow.throttle import (
@@ -35,15 +52,18 @@ from task_workflow.throttle import (
 )
 from task_workflow.throttle.base import AcquireResult
 from task_workflow.throttle.cache_backend import REGISTRY_KEY
+from task_workflow.throttle.database_backend import GroupRecord
 
 REDIS_URL = getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/15"
 CACHE_TABLE = "tw_test_throttle_backends"
+LOCMEM_ALIAS = "tw_test_throttle_locmem"
+THREAD_BOUND_ALIAS = "tw_test_throttle_thread_bound"
 
 
 # --- Backends ----------------------------------------------------------------------------
 
 
-def redis_backend():
+def redis_backend() -> Iterator[RedisThrottleBackend]:
     client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
     prefix = f"tw-test:{uuid.uuid4().hex}:"
     try:
@@ -55,51 +75,88 @@ def redis_backend():
         client.close()
 
 
-def database_cache_backend(backend_class=CacheThrottleBackend):
-    """A generic backend (or the upsert one) on a DatabaseCache (the test provides
-    database access)."""
+def database_cache(options: dict | None = None) -> DatabaseCache:
+    """A DatabaseCache on the test table (committed: the test must be transactional)."""
     call_command("createcachetable", CACHE_TABLE, verbosity=0)
     # No culling: DatabaseCache deletes live entries once it holds more than MAX_ENTRIES.
-    cache = DatabaseCache(CACHE_TABLE, {"KEY_PREFIX": uuid.uuid4().hex, "OPTIONS": {"MAX_ENTRIES": 10**9}})
+    return DatabaseCache(
+        CACHE_TABLE,
+        {"KEY_PREFIX": uuid.uuid4().hex, "OPTIONS": {"MAX_ENTRIES": 10**9}, **(options or {})},
+    )
+
+
+def database_backend(options: dict | None = None) -> Iterator[DatabaseCacheThrottleBackend]:
+    backend = DatabaseCacheThrottleBackend(database_cache(options))
     try:
-        yield backend_class(cache)
+        yield backend
+    finally:
+        dispose(backend)
+
+
+def dispose(backend: DatabaseCacheThrottleBackend) -> None:
+    backend.close()  # its connections, of every thread: the test database is dropped later
+    backend.cache.clear()
+
+
+def generic_database_cache_backend() -> Iterator[CacheThrottleBackend]:
+    cache = database_cache()
+    try:
+        yield CacheThrottleBackend(cache)
     finally:
         cache.clear()
 
 
-def backend_params(*, threads: bool):
-    # The database cache in the test's transaction; committed when other threads (with
-    # their own connections) use it.
-    database = pytest.mark.django_db(transaction=True) if threads else pytest.mark.django_db
-    return [
-        pytest.param("redis", marks=pytest.mark.services),
-        pytest.param("database-cache", marks=database),
-        pytest.param("database-upsert", marks=database),
-    ]
+def generic_locmem_backend() -> Iterator[CacheThrottleBackend]:
+    location = f"tw-test-{uuid.uuid4().hex}"
+    config = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": location}
+    with override_settings(
+        CACHES={**settings.CACHES, LOCMEM_ALIAS: {**config, "OPTIONS": {"MAX_ENTRIES": 10**6}}}
+    ):
+        backend = CacheThrottleBackend(caches[LOCMEM_ALIAS], alias=LOCMEM_ALIAS)
+        try:
+            yield backend
+        finally:
+            backend.cache.clear()
 
 
-def make_backend(kind):
-    if kind == "redis":
-        yield from redis_backend()
-    elif kind == "database-upsert":
-        yield from database_cache_backend(DatabaseCacheThrottleBackend)
-    else:
-        yield from database_cache_backend()
+BACKENDS: dict[str, Callable[[], Iterator[ThrottleBackend]]] = {
+    "redis": redis_backend,
+    "database": database_backend,
+    "generic-locmem": generic_locmem_backend,
+    "generic-database-cache": generic_database_cache_backend,
+}
 
 
-@pytest.fixture(params=backend_params(threads=False))
+def backend_params(kinds=tuple(BACKENDS)):
+    marks = {
+        "redis": [pytest.mark.services],
+        # Committed: the database backend uses connections of its own, as do other threads.
+        "database": [pytest.mark.django_db(transaction=True)],
+        "generic-locmem": [],
+        "generic-database-cache": [pytest.mark.django_db(transaction=True)],
+    }
+    return [pytest.param(kind, marks=marks[kind]) for kind in kinds]
+
+
+@pytest.fixture(params=backend_params())
 def backend(request):
-    yield from make_backend(request.param)
+    yield from BACKENDS[request.param]()
 
 
-@pytest.fixture(params=backend_params(threads=True))
-def threaded_backend(request):
-    yield from make_backend(request.param)
+@pytest.fixture(params=backend_params(("database", "generic-locmem", "generic-database-cache")))
+def polling_backend(request):
+    """The backends whose waiters poll (no handoff), so the line's liveness is theirs."""
+    yield from BACKENDS[request.param]()
 
 
 @pytest.fixture
 def redis_only_backend():
     yield from redis_backend()
+
+
+@pytest.fixture
+def db_backend(transactional_db):
+    yield from database_backend()
 
 
 @dataclass(frozen=True)
@@ -111,9 +168,9 @@ class Timing:
 
 
 def timing(backend: ThrottleBackend) -> Timing:
-    if isinstance(backend, RedisThrottleBackend):
-        return Timing(short_ttl=0.3, granularity=0.0)
-    return Timing(short_ttl=1.5, granularity=1.0)
+    if isinstance(backend, CacheThrottleBackend) and isinstance(backend.cache, DatabaseCache):
+        return Timing(short_ttl=1.5, granularity=1.0)
+    return Timing(short_ttl=0.3, granularity=0.0)
 
 
 # --- Helpers -----------------------------------------------------------------------------
@@ -142,6 +199,7 @@ def metadata(group: SlotGroup, concurrency: int, ttl: float, **extra) -> dict:
 class Holder:
     token: str
     slot: str
+    fencing_token: int = 0
 
 
 def acquire(backend, group, concurrency=1, ttl=30.0, token=None, **extra):
@@ -151,8 +209,8 @@ def acquire(backend, group, concurrency=1, ttl=30.0, token=None, **extra):
     token = token or uuid.uuid4().hex
     result = backend.acquire(group, token, concurrency, ttl, metadata(group, concurrency, ttl, **extra))
     if not result.acquired:
-        assert backend.cancel_wait(group, token) is False, "handed a slot while nobody released"
-    return Holder(token, result.slot), result
+        assert backend.cancel_wait(group, token) is None, "handed a slot while nobody released"
+    return Holder(token, result.slot, result.fencing_token), result
 
 
 def take(backend, group, concurrency=1, ttl=30.0, **extra) -> Holder:
@@ -161,12 +219,66 @@ def take(backend, group, concurrency=1, ttl=30.0, **extra) -> Holder:
     return holder
 
 
+def refuse(backend, group, token, concurrency=1, ttl=30.0) -> AcquireResult:
+    """One refused attempt by a caller that stays in line (it does not cancel)."""
+    result = backend.acquire(group, token, concurrency, ttl, metadata(group, concurrency, ttl))
+    assert not result.acquired, f"{token} was granted a slot; expected a refusal"
+    return result
+
+
+def attempt(backend, group, token, concurrency=1, ttl=30.0) -> AcquireResult:
+    """A waiter's next step as ``throttle`` takes it: a short wait (which may hand it the
+    slot, on Redis), then, if nothing was handed over, another acquire."""
+    handed = backend.wait_for_release(group, token, 0.05)
+    return handed or backend.acquire(group, token, concurrency, ttl, metadata(group, concurrency, ttl))
+
+
 def tokens_of(backend, group) -> set[str]:
     return {slot.token for slot in backend.held_slots() if slot.group == group}
 
 
+def deadline_of(backend, group, token) -> float:
+    [slot] = [slot for slot in backend.held_slots() if slot.group == group and slot.token == token]
+    return slot.lease_deadline
+
+
 def sleep_until(moment: float) -> None:
     time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def in_thread(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` for another thread: its database connections are closed when it ends."""
+
+    def run() -> Any:
+        try:
+            return fn()
+        finally:
+            connections.close_all()
+
+    return run
+
+
+def forget_group(backend: ThrottleBackend, group: SlotGroup) -> None:
+    """Drop every record the store keeps for ``group`` (as if it had expired)."""
+    if isinstance(backend, RedisThrottleBackend):
+        backend.client.delete(*backend._keys(group))
+    elif isinstance(backend, DatabaseCacheThrottleBackend):
+        backend.cache.delete(f"tw:throttle:{group.digest}")
+    else:
+        assert isinstance(backend, CacheThrottleBackend)
+        backend.cache.delete_many([backend._group_key(group, name) for name in ("fence", "tickets", "floor")])
 
 
 # --- At most N holders -------------------------------------------------------------------
@@ -233,14 +345,34 @@ def test_release_of_another_groups_holder_frees_nothing(backend):
     assert tokens_of(backend, group) == {holder.token}
 
 
+def test_no_release_or_sweep_changes_another_holders_deadline(backend):
+    """Invariant 2: only a holder's own acquire or renewal moves its deadline."""
+    short_ttl = timing(backend).short_ttl
+    group = new_group()
+    steady = take(backend, group, 3, ttl=30.0)
+    before = deadline_of(backend, group, steady.token)
+
+    passing = take(backend, group, 3, ttl=short_ttl)
+    assert backend.renew(group, passing.token, passing.slot, short_ttl)
+    assert backend.release(group, passing.token, passing.slot)
+    expiring = take(backend, group, 3, ttl=short_ttl)
+    time.sleep(short_ttl + 0.15)  # letting the lease run out is what is tested here
+    newcomer = take(backend, group, 3, ttl=short_ttl)  # sweeps the expired lease
+    backend.release(group, expiring.token, expiring.slot)  # a late release (it may sweep)
+    assert backend.release(group, newcomer.token, newcomer.slot)
+    take(backend, new_group(), 1)  # another group entirely
+
+    assert deadline_of(backend, group, steady.token) == pytest.approx(before, abs=1e-6)
+
+
 # --- Renew and expiry --------------------------------------------------------------------
 
 
 def test_renew_extends_the_lease(backend):
-    if isinstance(backend, RedisThrottleBackend):
-        ttl, check_at = 0.5, 0.6  # renewed at 0.3: runs to 0.8
-    else:
+    if timing(backend).granularity:
         ttl, check_at = 2.5, 2.75  # renewed at 1.5: runs to at least 3.0 at 1 s resolution
+    else:
+        ttl, check_at = 0.5, 0.6  # renewed at 0.3: runs to 0.8
     group = new_group()
     start = time.monotonic()
     holder = take(backend, group, ttl=ttl)
@@ -325,6 +457,7 @@ def test_held_slots_describe_each_holder(backend):
     assert (two.task_id, two.hostname, two.pid) == ("task-2", "worker-b", 202)
     assert before <= two.acquired_at <= after
     assert one.slot != two.slot
+    assert (one.fencing_token, two.fencing_token) == (first.fencing_token, second.fencing_token)
 
     backend.release(group, first.token, first.slot)
     assert {slot.token for slot in backend.held_slots() if slot.group == group} == {second.token}
@@ -344,8 +477,8 @@ def test_held_slots_flag_expired_leases(backend):
     held = {s.token: s for s in backend.held_slots() if s.group == group}
 
     assert held[alive.token].expired is False
-    if isinstance(backend, RedisThrottleBackend):
-        # Redis keeps an expired lease until the next acquire of its group: shown as expired.
+    if isinstance(backend, RedisThrottleBackend | DatabaseCacheThrottleBackend):
+        # The group's record keeps an expired lease until its next change: shown as expired.
         assert held[expiring.token].expired is True
         assert held[expiring.token].lease_deadline <= held[expiring.token].now
     else:
@@ -403,6 +536,174 @@ def test_different_keys_and_names_are_independent(backend):
     take(backend, groups[0], 1)
     for group in groups[1:]:
         assert not acquire(backend, group, 1)[1].acquired
+
+
+# --- The line of waiters (FIFO) ----------------------------------------------------------
+
+
+def test_a_newcomer_does_not_take_a_free_slot_from_an_earlier_waiter(backend):
+    group = new_group()
+    holder = take(backend, group)
+    waiter = uuid.uuid4().hex
+    refuse(backend, group, waiter)
+    assert backend.waiting(group) == [waiter]
+
+    assert backend.release(group, holder.token, holder.slot)
+    # The slot is free (polling backends) or handed to the waiter (Redis): either way
+    # not the newcomer's.
+    _, newcomer = acquire(backend, group)
+    assert not newcomer.acquired, "a newcomer overtook a live waiter"
+
+    granted = attempt(backend, group, waiter)
+    assert granted.acquired
+    assert tokens_of(backend, group) == {waiter}
+    assert backend.waiting(group) == [], "a granted waiter is still in line"
+
+
+def test_attempting_again_keeps_a_waiters_place_in_line(backend):
+    group = new_group()
+    holder = take(backend, group)
+    first, second, third = (f"{n}-{uuid.uuid4().hex}" for n in ("first", "second", "third"))
+    for token in (first, second, third):
+        refuse(backend, group, token)
+    # Attempts in another order (the latest attempt last in time) change nothing.
+    for token in (third, second, first, third, second):
+        refuse(backend, group, token)
+    assert backend.waiting(group) == [first, second, third]
+
+    assert backend.release(group, holder.token, holder.slot)
+    # Only the first in line gets the slot, whoever attempts first.
+    for token in (third, second):
+        assert not attempt(backend, group, token).acquired
+    assert attempt(backend, group, first).acquired
+    assert backend.waiting(group) == [second, third]
+    for token in (second, third):
+        assert backend.cancel_wait(group, token) is None
+    assert backend.waiting(group) == []
+
+
+def test_a_waiter_that_gives_up_leaves_the_line_without_moving_anybody(backend):
+    group = new_group()
+    holder = take(backend, group, 2)
+    other = take(backend, group, 2)
+    tokens = [f"w{n}-{uuid.uuid4().hex}" for n in range(4)]
+    for token in tokens:
+        refuse(backend, group, token, 2)
+
+    assert backend.cancel_wait(group, tokens[1]) is None
+    assert backend.waiting(group) == [tokens[0], tokens[2], tokens[3]]
+
+    # Two slots free up: the first two live waiters get them, the last one does not.
+    assert backend.release(group, holder.token, holder.slot)
+    assert backend.release(group, other.token, other.slot)
+    assert not attempt(backend, group, tokens[3], 2).acquired
+    assert attempt(backend, group, tokens[2], 2).acquired
+    assert attempt(backend, group, tokens[0], 2).acquired
+    assert backend.waiting(group) == [tokens[3]]
+    assert backend.cancel_wait(group, tokens[3]) is None
+
+
+def test_a_waiter_that_stops_attempting_drops_out_of_line(polling_backend):
+    backend = polling_backend
+    # A short window, to let it pass (DatabaseCache keeps whole seconds of expiry).
+    window = 2.0 if timing(backend).granularity else 0.4
+    backend.WAITER_MS = int(window * 1000)  # type: ignore[attr-defined]
+    group = new_group()
+    holder = take(backend, group)
+    gone, staying = f"gone-{uuid.uuid4().hex}", f"staying-{uuid.uuid4().hex}"
+    refuse(backend, group, gone)
+    refuse(backend, group, staying)
+    assert backend.waiting(group) == [gone, staying]
+
+    # ``gone`` stops attempting (died); ``staying`` goes on, every 50 ms.
+    until = time.monotonic() + window * 1.5
+    while time.monotonic() < until:
+        refuse(backend, group, staying)
+        time.sleep(0.05)
+
+    assert backend.waiting(group) == [staying]
+    assert backend.release(group, holder.token, holder.slot)
+    assert attempt(backend, group, staying).acquired
+    # Coming back after that, it is a newcomer: at the back of the line.
+    refuse(backend, group, gone)
+    assert backend.waiting(group) == [gone]
+
+
+def test_waiters_are_served_in_order_of_first_arrival(backend):
+    """Invariant 4: 20 callers arrive one after the other and keep attempting (as
+    ``throttle`` does); each freed slot goes to the next in line."""
+    count, ttl = 20, 30.0
+    group = new_group()
+    holder = take(backend, group, 1, ttl)
+    tokens = [f"waiter-{n:02d}-{uuid.uuid4().hex}" for n in range(count)]
+    queued = [threading.Event() for _ in range(count)]
+    served: list[int] = []
+    stop = threading.Event()
+
+    def waiter(n: int) -> None:
+        if n:
+            assert queued[n - 1].wait(10), f"waiter {n - 1} never queued"
+        token = tokens[n]
+        result = backend.acquire(group, token, 1, ttl, metadata(group, 1, ttl))
+        assert not result.acquired, f"waiter {n} was granted a held slot"
+        queued[n].set()
+        while not result.acquired:
+            if stop.is_set():
+                backend.cancel_wait(group, token)
+                return
+            result = attempt(backend, group, token, 1, ttl)
+        served.append(n)
+        assert backend.release(group, token, result.slot)
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(in_thread(lambda n=n: waiter(n))) for n in range(count)]
+        try:
+            assert queued[-1].wait(20), "not every waiter queued"
+            assert backend.waiting(group) == tokens
+            assert backend.release(group, holder.token, holder.slot)
+            concurrent.futures.wait(futures, timeout=30)
+        finally:
+            stop.set()
+        for future in futures:
+            future.result(timeout=5)
+
+    assert served == list(range(count))
+    assert backend.waiting(group) == []
+    assert tokens_of(backend, group) == set()
+
+
+# --- Fencing tokens ----------------------------------------------------------------------
+
+
+def test_fencing_tokens_increase_with_every_grant(backend):
+    group, other = new_group("a"), new_group("b")
+    tokens = []
+    for _ in range(5):
+        holder = take(backend, group, 2)
+        tokens.append(holder.fencing_token)
+        take(backend, other, 1 + len(tokens))  # another group's grants in between
+        assert backend.release(group, holder.token, holder.slot)
+    pair = [take(backend, group, 2), take(backend, group, 2)]
+    tokens += [holder.fencing_token for holder in pair]
+
+    assert all(isinstance(token, int) and token > 0 for token in tokens)
+    assert tokens == sorted(set(tokens)), f"not strictly increasing: {tokens}"
+    listed = {slot.token: slot.fencing_token for slot in backend.held_slots() if slot.group == group}
+    assert listed == {holder.token: holder.fencing_token for holder in pair}
+
+
+def test_fencing_tokens_increase_after_the_groups_records_are_gone(backend):
+    group = new_group()
+    first = take(backend, group)
+    assert backend.release(group, first.token, first.slot)
+    forget_group(backend, group)
+
+    second = take(backend, group)
+
+    assert second.fencing_token > first.fencing_token
+    assert backend.release(group, second.token, second.slot)
+    third = take(backend, group)
+    assert third.fencing_token > second.fencing_token
 
 
 # --- Redis specifics ---------------------------------------------------------------------
@@ -464,25 +765,31 @@ def test_redis_wait_for_release_wakes_on_a_release(redis_only_backend):
     # then a wait.
     waiter = uuid.uuid4().hex
     assert not backend.acquire(group, waiter, 1, 30.0, metadata(group, 1, 30.0)).acquired
+    released = threading.Event()
     released_at: list[float] = []
 
-    def release_later():
+    def release_once_waiting():
+        # The waiter is blocked by now (or blocks right after): a release wakes it either way.
         time.sleep(0.3)
         released_at.append(time.monotonic())
         backend.release(group, holder.token, holder.slot)
+        released.set()
 
-    thread = threading.Thread(target=release_later)
+    thread = threading.Thread(target=release_once_waiting)
     start = time.monotonic()
     thread.start()
     handed_over = backend.wait_for_release(group, waiter, 5.0)
     woke = time.monotonic()
     thread.join(5)
 
-    assert released_at, "the release thread did not run"
+    assert released.is_set(), "the release thread did not run"
     assert woke - start >= 0.25, "woken before anything was released"
     assert woke - released_at[0] < 0.5, f"woken {woke - released_at[0]:.2f}s after the release"
     # The release handed the slot to the waiter: it holds it now, and only it.
-    assert handed_over is True
+    assert handed_over is not None
+    assert handed_over.acquired
+    assert handed_over.handed_over
+    assert handed_over.fencing_token > holder.fencing_token
     assert tokens_of(backend, group) == {waiter}
     assert not acquire(backend, group, 1)[1].acquired
     assert backend.release(group, waiter, "") is True
@@ -502,7 +809,7 @@ def test_redis_handoff_to_a_caller_that_acquired_again_leaves_no_ghost_holder(re
     backend.release(group, holder.token, holder.slot)  # hands the slot to the waiter
     # ...whose wait had just timed out, so it tries again, and waits again:
     result = backend.acquire(group, waiter, 1, 30.0, meta)
-    holds = result.acquired or backend.wait_for_release(group, waiter, 0.5)
+    holds = result.acquired or backend.wait_for_release(group, waiter, 0.5) is not None
     assert holds
     assert tokens_of(backend, group) == {waiter}
 
@@ -524,136 +831,8 @@ def test_redis_wait_for_release_times_out(redis_only_backend):
     handed_over = backend.wait_for_release(group, waiter, 0.2)
 
     assert 0.15 <= time.monotonic() - start < 1.0
-    assert handed_over is False
-    assert backend.cancel_wait(group, waiter) is False
-
-
-def test_generic_wait_for_release_polls():
-    backend = CacheThrottleBackend(cache=None, poll_interval=0.2)  # waiting touches no cache
-    assert backend.wakes_waiters is False
-    group = new_group()
-
-    start = time.monotonic()
-    handed_over = backend.wait_for_release(group, "token", 5.0)
-    polled = time.monotonic() - start
-    start = time.monotonic()
-    backend.wait_for_release(group, "token", 0.05)
-    shorter = time.monotonic() - start
-
-    assert handed_over is False  # no handoff: the caller acquires again
-    assert 0.18 <= polled < 0.6
-    assert 0.04 <= shorter < 0.15
-
-
-# --- DatabaseCache listing ---------------------------------------------------------------
-
-
-def upsert_backend_on(options: dict) -> DatabaseCacheThrottleBackend:
-    call_command("createcachetable", CACHE_TABLE, verbosity=0)
-    cache = DatabaseCache(CACHE_TABLE, {"OPTIONS": {"MAX_ENTRIES": 10**9}, **options})
-    return DatabaseCacheThrottleBackend(cache)
-
-
-@pytest.mark.django_db
-def test_database_cache_lists_by_scanning_its_table_without_a_registry():
-    """The listing reads the throttle's rows of the table: no group registry is written,
-    and a key prefix with LIKE wildcards matches only its own rows."""
-    backend = upsert_backend_on({"KEY_PREFIX": "tw_50%"})
-    lookalike = upsert_backend_on({"KEY_PREFIX": "twX50X"})  # '_' and '%' would match this
-    try:
-        groups = [new_group(str(n)) for n in range(30)]
-        holders = {take(backend, group, 2).token for group in groups}
-        other = take(lookalike, new_group(), 1)
-        backend.cache.set("tw:throttle:not-a-lease", {"something": "else"})
-
-        assert {slot.token for slot in backend.held_slots()} == holders
-        assert {slot.token for slot in lookalike.held_slots()} == {other.token}
-        assert backend.cache.get(REGISTRY_KEY) is None
-    finally:
-        backend.cache.clear()
-        lookalike.cache.clear()
-
-
-def reversed_key(key: str, key_prefix: str, version: int) -> str:
-    """A KEY_FUNCTION that does not keep keys as a prefix + the key."""
-    return f"{key_prefix}:{version}:{key}"[::-1]
-
-
-@pytest.mark.django_db
-def test_database_cache_with_a_custom_key_function_lists_through_the_registry():
-    backend = upsert_backend_on({"KEY_PREFIX": uuid.uuid4().hex, "KEY_FUNCTION": reversed_key})
-    try:
-        holder = take(backend, new_group(), 1)
-        assert [slot.token for slot in backend.held_slots()] == [holder.token]
-        assert backend.cache.get(REGISTRY_KEY)
-    finally:
-        backend.cache.clear()
-
-
-# --- Under contention --------------------------------------------------------------------
-
-
-def test_concurrent_holders_never_exceed_the_limit(threaded_backend):
-    backend = threaded_backend
-    threads_count, cycles, concurrency = 16, 50, 3
-    group = new_group()
-    lock = threading.Lock()
-    state = {"current": 0, "max": 0, "cycles": 0, "late_releases": 0}
-    errors: list[BaseException] = []
-    start = threading.Barrier(threads_count)
-    stop = threading.Event()
-
-    def worker():
-        try:
-            start.wait(10)
-            for _ in range(cycles):
-                token = uuid.uuid4().hex
-                meta = metadata(group, concurrency, 30.0)
-                # As ``throttle`` waits: acquire; when refused, wait for a release, which
-                # may hand the slot over (Redis), else acquire again.
-                result = backend.acquire(group, token, concurrency, 30.0, meta)
-                while not result.acquired:
-                    if stop.is_set():
-                        return
-                    if backend.wait_for_release(group, token, 0.02):
-                        result = AcquireResult(True)
-                    else:
-                        result = backend.acquire(group, token, concurrency, 30.0, meta)
-                with lock:
-                    state["current"] += 1
-                    state["max"] = max(state["max"], state["current"])
-                time.sleep(0.005)
-                with lock:
-                    state["current"] -= 1
-                    state["cycles"] += 1
-                if not backend.release(group, token, result.slot):
-                    with lock:
-                        state["late_releases"] += 1
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connections.close_all()
-
-    workers = [threading.Thread(target=worker) for _ in range(threads_count)]
-    for thread in workers:
-        thread.start()
-    deadline = time.monotonic() + 15
-    for thread in workers:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stop.set()  # a stuck run fails here instead of hanging
-    for thread in workers:
-        thread.join(5)
-
-    assert not errors, errors
-    assert not any(thread.is_alive() for thread in workers), "a worker thread is stuck"
-    assert state["cycles"] == threads_count * cycles, (
-        f"only {state['cycles']} of {threads_count * cycles} cycles in 15 s; "
-        f"slots still held: {tokens_of(backend, group)}"
-    )
-    assert state["max"] <= concurrency
-    assert state["max"] == concurrency, "the limit was never reached: the test proves nothing"
-    assert state["late_releases"] == 0
-    assert tokens_of(backend, group) == set()
+    assert handed_over is None
+    assert backend.cancel_wait(group, waiter) is None
 
 
 @pytest.mark.services
@@ -669,7 +848,7 @@ def test_redis_handoff_gives_a_short_claim_that_the_waiter_extends(redis_only_ba
     assert not refused.acquired
 
     assert backend.release(group, holder.token, holder.slot)
-    assert backend.wait_for_release(group, waiter, 1.0) is True
+    assert backend.wait_for_release(group, waiter, 1.0) is not None
     [slot] = [s for s in backend.held_slots() if s.group == group]
     assert slot.token == waiter
     assert slot.expires_in <= backend.CLAIM_MS / 1000 + 0.1
@@ -680,3 +859,352 @@ def test_redis_handoff_gives_a_short_claim_that_the_waiter_extends(redis_only_ba
     # Its own release does not hand the slot back to itself.
     assert backend.release(group, waiter, "")
     assert tokens_of(backend, group) == set()
+
+
+# --- Polling backends --------------------------------------------------------------------
+
+
+def test_generic_wait_for_release_polls():
+    backend = CacheThrottleBackend(cache=None, poll_interval=0.2)  # waiting touches no cache
+    assert backend.wakes_waiters is False
+    group = new_group()
+
+    start = time.monotonic()
+    handed_over = backend.wait_for_release(group, "token", 5.0)
+    polled = time.monotonic() - start
+    start = time.monotonic()
+    backend.wait_for_release(group, "token", 0.05)
+    shorter = time.monotonic() - start
+
+    assert handed_over is None  # no handoff: the caller acquires again
+    assert 0.18 <= polled < 0.6
+    assert 0.04 <= shorter < 0.15
+
+
+class ThreadBoundCache(LocMemCache):
+    """A cache client that, like some Memcached clients, must stay in its own thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = threading.get_ident()
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in {"add", "get", "set", "get_many", "delete", "delete_many", "incr", "touch"}:
+            owner = object.__getattribute__(self, "owner")
+            if threading.get_ident() != owner:
+                raise RuntimeError(f"a cache client of thread {owner} used by thread {threading.get_ident()}")
+        return super().__getattribute__(name)
+
+
+def test_generic_backend_uses_each_threads_own_cache_client():
+    """The lease renewer is another thread: it must not share the caller's client."""
+    config = {"BACKEND": f"{__name__}.ThreadBoundCache", "LOCATION": f"tw-test-{uuid.uuid4().hex}"}
+    with override_settings(CACHES={**settings.CACHES, THREAD_BOUND_ALIAS: config}):
+        backend = CacheThrottleBackend(caches[THREAD_BOUND_ALIAS], alias=THREAD_BOUND_ALIAS)
+        group = new_group()
+        holder = take(backend, group)
+        with concurrent.futures.ThreadPoolExecutor(1) as renewer:
+            assert renewer.submit(backend.renew, group, holder.token, holder.slot, 30.0).result(5) is True
+            contender = renewer.submit(acquire, backend, group).result(5)[1]
+            assert not contender.acquired
+        assert backend.release(group, holder.token, holder.slot)
+
+
+# --- DatabaseCache backend ---------------------------------------------------------------
+
+
+def test_database_release_racing_a_renewal_frees_the_slot(db_backend):
+    """A release must free the slot even while the holder's renewer renews it (another
+    thread, another connection): both change the same lease."""
+    backend = db_backend
+    # Renewals back to back, so that one lands inside a release. SQLite has one writer: a
+    # writer that takes its lock again at once starves the others, so it pauses briefly.
+    breath, rounds = (0.0002, 200) if connection.vendor == "sqlite" else (0.0, 40)
+    for round_ in range(rounds):
+        group = new_group()
+        holder = take(backend, group)
+        stop, renewed = threading.Event(), threading.Event()
+
+        def renew_until_stopped(group=group, holder=holder, stop=stop, renewed=renewed):
+            while not stop.is_set():
+                backend.renew(group, holder.token, holder.slot, 30.0)
+                renewed.set()
+                if breath:
+                    time.sleep(breath)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            renewing = pool.submit(in_thread(renew_until_stopped))
+            assert renewed.wait(5)
+            released = backend.release(group, holder.token, holder.slot)
+            stop.set()
+            renewing.result(5)
+
+        assert released, f"round {round_}: the release raced a renewal and removed nothing"
+        assert tokens_of(backend, group) == set(), f"round {round_}: the slot is still held"
+        assert backend.renew(group, holder.token, holder.slot, 30.0) is False
+
+
+@pytest.mark.postgres
+def test_database_slot_taken_inside_an_outer_transaction_is_committed_at_once(db_backend):
+    """The backend never works in the caller's transaction: contenders are refused at
+    once (not blocked on an uncommitted row) and the renewer thread sees the slot."""
+    backend = db_backend
+    group = new_group()
+    outcome: dict[str, Any] = {}
+    with concurrent.futures.ThreadPoolExecutor(1) as elsewhere:
+
+        def other_thread(name: str, fn: Callable[[], Any]) -> None:
+            try:
+                outcome[name] = elsewhere.submit(in_thread(fn)).result(timeout=3)
+            except concurrent.futures.TimeoutError:
+                outcome[name] = "blocked"
+
+        with transaction.atomic():
+            holder = take(backend, group)
+            other_thread("contender", lambda: acquire(backend, group)[1].acquired)
+            other_thread("renewed", lambda: backend.renew(group, holder.token, holder.slot, 30.0))
+            other_thread("listed", lambda: tokens_of(backend, group))
+            transaction.set_rollback(True)  # the caller's own work is rolled back; the slot is not
+        other_thread("after rollback", lambda: tokens_of(backend, group))
+
+    assert outcome == {
+        "contender": False,
+        "renewed": True,
+        "listed": {holder.token},
+        "after rollback": {holder.token},
+    }
+    assert backend.release(group, holder.token, holder.slot)
+
+
+def test_database_slot_inside_an_outer_transaction_of_the_same_thread(db_backend):
+    """Inside the caller's ``atomic()`` the whole cycle works in its thread, on
+    PostgreSQL (private connection) and SQLite (the caller's transaction: one writer)."""
+    backend = db_backend
+    group = new_group()
+    with transaction.atomic():
+        holder = take(backend, group, 1, ttl=30.0)
+        assert not acquire(backend, group)[1].acquired
+        assert backend.renew(group, holder.token, holder.slot, 30.0)
+        assert tokens_of(backend, group) == {holder.token}
+        assert backend.release(group, holder.token, holder.slot)
+    assert tokens_of(backend, group) == set()
+
+
+def stored_expires(backend: DatabaseCacheThrottleBackend, group: SlotGroup) -> float:
+    """The ``expires`` column of the group's row, in epoch seconds."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT expires FROM {connection.ops.quote_name(CACHE_TABLE)} WHERE cache_key = %s",
+            [backend._row_key(group)],
+        )
+        [(value,)] = cursor.fetchall()
+    if isinstance(value, str):  # SQLite: naive UTC text
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+def test_database_group_row_outlives_every_live_lease_whatever_the_ttls(db_backend):
+    """Invariant 5: a short-lease caller's acquire, renew or release never brings the
+    row's expiry (which DatabaseCache's culling obeys) before a longer live lease's end."""
+    backend = db_backend
+    group = new_group()
+    short = take(backend, group, 3, ttl=0.2)
+    long = take(backend, group, 3, ttl=120.0)
+    long_deadline = deadline_of(backend, group, long.token)
+    assert backend.renew(group, short.token, short.slot, 0.2)
+    assert backend.release(group, short.token, short.slot)
+    brief = take(backend, group, 3, ttl=0.2)
+    assert backend.release(group, brief.token, brief.slot)
+    assert stored_expires(backend, group) >= long_deadline + backend.RECORD_MARGIN - 0.01
+
+    # What DatabaseCache's culling deletes: rows past their expiry. Not this one.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {connection.ops.quote_name(CACHE_TABLE)} WHERE expires < %s",
+            [connection.ops.adapt_datetimefield_value(datetime.fromtimestamp(time.time() + 60, tz=UTC))],
+        )
+    assert tokens_of(backend, group) == {long.token}
+    assert not acquire(backend, group, 1)[1].acquired
+
+
+def test_database_cache_lists_by_scanning_its_table_without_a_registry(transactional_db):
+    """The listing reads the throttle's rows of the table: no group registry is written,
+    and a key prefix with LIKE wildcards matches only its own rows."""
+    backend = DatabaseCacheThrottleBackend(database_cache({"KEY_PREFIX": "tw_50%"}))
+    # '_' and '%' would match this one's keys
+    lookalike = DatabaseCacheThrottleBackend(database_cache({"KEY_PREFIX": "twX50X"}))
+    try:
+        groups = [new_group(str(n)) for n in range(30)]
+        holders = {take(backend, group, 2).token for group in groups}
+        other = take(lookalike, new_group(), 1)
+        backend.cache.set("tw:throttle:not-a-lease", {"something": "else"})
+
+        assert {slot.token for slot in backend.held_slots()} == holders
+        assert {slot.token for slot in lookalike.held_slots()} == {other.token}
+        assert backend.cache.get(REGISTRY_KEY) is None
+    finally:
+        dispose(backend)
+        dispose(lookalike)
+
+
+def reversed_key(key: str, key_prefix: str, version: int) -> str:
+    """A KEY_FUNCTION that does not keep keys as a prefix + the key."""
+    return f"{key_prefix}:{version}:{key}"[::-1]
+
+
+def test_database_cache_with_a_custom_key_function_lists_by_reading_the_table(transactional_db):
+    backends = [
+        DatabaseCacheThrottleBackend(database_cache({"KEY_PREFIX": prefix, "KEY_FUNCTION": reversed_key}))
+        for prefix in ("a", "b")
+    ]
+    try:
+        holders = [take(each, new_group(), 1) for each in backends]
+        backends[0].cache.set("unrelated", [1, 2, 3])
+        for each, holder in zip(backends, holders, strict=True):
+            assert [slot.token for slot in each.held_slots()] == [holder.token]
+    finally:
+        for each in backends:
+            dispose(each)
+
+
+def test_database_backend_recovers_from_a_closed_connection(db_backend):
+    """A private connection the server dropped (restart, idle timeout) is replaced."""
+    backend = db_backend
+    group = new_group()
+    holder = take(backend, group)
+    backend.close()  # as if the server had closed it: the next call reconnects
+    assert backend.renew(group, holder.token, holder.slot, 30.0)
+    private = backend._local.connection.wrapper
+    private.connection.close()  # behind Django's back: the wrapper still thinks it is open
+    assert backend.renew(group, holder.token, holder.slot, 30.0)
+    assert backend.release(group, holder.token, holder.slot)
+
+
+def test_database_operation_interrupted_mid_transaction_leaves_the_group_unlocked(db_backend, monkeypatch):
+    """An interrupt (here inside the renewal's rule, with the row locked) rolls back: the
+    row lock must not outlive the call and block every other worker."""
+    backend = db_backend
+    group = new_group()
+    holder = take(backend, group)
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GroupRecord, "renew", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            backend.renew(group, holder.token, holder.slot, 30.0)
+    with concurrent.futures.ThreadPoolExecutor(1) as elsewhere:
+        contender = elsewhere.submit(in_thread(lambda: acquire(backend, group)[1].acquired))
+        try:
+            refused = contender.result(timeout=5) is False
+        except concurrent.futures.TimeoutError:
+            backend._local.connection.close()  # ends the open transaction: unblocks it
+            pytest.fail("the interrupted call left the group's row locked: a contender blocked")
+    assert refused
+    assert backend.renew(group, holder.token, holder.slot, 30.0)
+    assert backend.release(group, holder.token, holder.slot)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_database_backend_in_a_forked_child_uses_a_connection_of_its_own(db_backend):
+    """Prefork workers inherit the parent's objects: the child must neither talk on nor
+    close the parent's connection."""
+    backend = db_backend
+    group = new_group()
+    holder = take(backend, group)  # the parent's connection is open now
+    parents = backend._local.connection
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            other = new_group()
+            child = take(backend, other)
+            own = backend._local.connection is not parents
+            status = 0 if own and backend.release(other, child.token, child.slot) else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert backend._local.connection is parents
+    assert backend.renew(group, holder.token, holder.slot, 30.0)
+    assert backend.release(group, holder.token, holder.slot)
+
+
+# --- Under contention --------------------------------------------------------------------
+
+
+def test_concurrent_holders_never_exceed_the_limit(backend):
+    threads_count, cycles, concurrency = 16, 50, 3
+    hold = 0.005
+    sqlite = isinstance(backend, DatabaseCacheThrottleBackend) and connection.vendor == "sqlite"
+    if timing(backend).granularity or sqlite:
+        # The generic backend on DatabaseCache makes many calls per attempt; SQLite's
+        # writers wait for its one lock in sleeps of up to 100 ms.
+        cycles, hold = 20, 0.03
+    group = new_group()
+    lock = threading.Lock()
+    state = {"current": 0, "max": 0, "cycles": 0, "late_releases": 0}
+    fences: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_count)
+    stop = threading.Event()
+
+    def worker():
+        try:
+            start.wait(10)
+            for _ in range(cycles):
+                token = uuid.uuid4().hex
+                meta = metadata(group, concurrency, 30.0)
+                # As ``throttle`` waits: acquire; when refused, wait for a release, which
+                # may hand the slot over (Redis), else acquire again.
+                result = backend.acquire(group, token, concurrency, 30.0, meta)
+                while not result.acquired:
+                    if stop.is_set():
+                        backend.cancel_wait(group, token)
+                        return
+                    result = backend.wait_for_release(group, token, 0.02) or backend.acquire(
+                        group, token, concurrency, 30.0, meta
+                    )
+                with lock:
+                    state["current"] += 1
+                    state["max"] = max(state["max"], state["current"])
+                    fences.append(result.fencing_token)
+                time.sleep(hold)
+                with lock:
+                    state["current"] -= 1
+                    state["cycles"] += 1
+                if not backend.release(group, token, result.slot):
+                    with lock:
+                        state["late_releases"] += 1
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=worker) for _ in range(threads_count)]
+    for thread in workers:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in workers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stop.set()  # a stuck run fails here instead of hanging
+    for thread in workers:
+        thread.join(5)
+
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in workers), "a worker thread is stuck"
+    assert state["cycles"] == threads_count * cycles, (
+        f"only {state['cycles']} of {threads_count * cycles} cycles in 30 s; "
+        f"slots still held: {tokens_of(backend, group)}"
+    )
+    assert state["max"] <= concurrency
+    assert state["max"] == concurrency, "the limit was never reached: the test proves nothing"
+    assert state["late_releases"] == 0
+    assert tokens_of(backend, group) == set()
+    if not timing(backend).granularity:  # not the file/database cache: their incr reads then writes
+        assert len(set(fences)) == len(fences), "a fencing token was handed out twice"
+    assert backend.waiting(group) == []

@@ -80,7 +80,9 @@ local grace_left = 0
 local function next_number()
   local n = redis.call('INCR', KEYS[6])
   if n == 1 then
-    local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)'))
+    -- Whole seconds between the start's and now's whole seconds: up to 1 s more than
+    -- has really passed, so count one second less.
+    local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) - 1
     if uptime * 1000 < {grace_ms} then
       grace_left = {grace_ms} - uptime * 1000
       redis.call('DEL', KEYS[6])
@@ -181,7 +183,7 @@ return -1 - math.max(tonumber(first[2]) - now, 0)
 """
 )
 
-# ARGV: token. Returns 1 when the token held a slot. The freed slot goes straight to the
+# ARGV: token. Returns 1 when the token held a live lease. The freed slot goes straight to the
 # first live waiter in line that holds no slot: it is added as a holder (``ZADD NX``) with
 # its own metadata under a claim of at most ``CLAIM_MS``, and woken on its personal list
 # ``<group>:wake:<token>`` (same hash tag) with its fencing token, so it holds the slot
@@ -189,25 +191,29 @@ return -1 - math.max(tonumber(first[2]) - now, 0)
 RELEASE_SCRIPT = (
     PRELUDE
     + """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not deadline then
   return 0  -- not ours (expired and taken, or force-released): free nothing, hand nothing
 end
+redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
+-- 1 for a live lease; an expired one was free already (its slot is still handed on).
+local released = tonumber(deadline) > now and 1 or 0
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  return 1
+  return released
 end
 drop_dead_waiters()
 while true do
   local next = redis.call('ZRANGE', KEYS[3], 0, 0)
   if #next == 0 then
-    return 1
+    return released
   end
   local waiter = next[1]
   local entry = redis.call('HGET', KEYS[5], waiter)
   if entry and not redis.call('ZSCORE', KEYS[1], waiter) then
     local fence = next_number()
     if not fence then
-      return 1  -- a restarted server within its grace: the waiter takes it when it may
+      return released  -- a restarted server within its grace: the waiter takes it when it may
     end
     leave_line(waiter)
     local space = string.find(entry, ' ', 1, true)
@@ -221,7 +227,7 @@ while true do
     local wake = string.sub(KEYS[1], 1, {base_end}) .. ':wake:' .. waiter
     redis.call('RPUSH', wake, int(fence))
     redis.call('PEXPIRE', wake, claim)
-    return 1
+    return released
   end
   leave_line(waiter)  -- no entry, or it holds a slot already: not a waiter
 end
