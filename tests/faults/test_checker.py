@@ -1,0 +1,123 @@
+"""The fault campaign's checker on hand-made records (no services needed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.faults.checker import (
+    Fault,
+    Hold,
+    HolderLog,
+    LoggedWrite,
+    Report,
+    Write,
+    check,
+    parse_records,
+    token_regressions,
+)
+
+
+def hold(pid: int, fence: int, start: float, end: float, *, group: str = "solo", **kw: Any) -> Hold:
+    return Hold(
+        holder=f"h{pid}", hostname=f"host-{pid}", pid=pid, group=group, limit=1, fence=fence,
+        t_req=kw.pop("t_req", start - 0.01), start=start, end=end, reason="done", **kw,
+    )  # fmt: skip
+
+
+def run(
+    holds: list[Hold], faults: Sequence[Fault] = (), write_log: Sequence[LoggedWrite] = (), limit: int = 1
+) -> Report:
+    return check([HolderLog("all", holds=holds)], faults, write_log, {"solo": limit})
+
+
+def test_holds_one_after_the_other_are_no_violation() -> None:
+    report = run([hold(1, 1, 0.0, 1.0), hold(2, 2, 1.0, 2.0), hold(3, 3, 2.5, 3.0)])
+    assert report.violations == []
+    assert report.groups["solo"].max_acting == 1
+    assert report.token_regressions == 0
+
+
+def test_two_believers_over_the_limit_are_unexplained() -> None:
+    report = run([hold(1, 1, 0.0, 1.0), hold(2, 2, 0.9, 2.0)])
+    assert [(v.cause, v.start, v.end) for v in report.violations] == [("unexplained", 0.9, 1.0)]
+    assert report.groups["solo"].max_believers == 2
+
+
+def test_the_limit_counts_per_group_limit() -> None:
+    report = run([hold(1, 1, 0.0, 1.0), hold(2, 2, 0.5, 2.0)], limit=2)
+    assert report.violations == []
+
+
+def test_a_late_write_after_a_sigstop_is_a_sigstop_violation() -> None:
+    # pid 1 checked at 0.5, was stopped 0.55..3.0, wrote at 3.0 (refused): its belief
+    # ended at 1.4 (valid_until); pid 2 took over at 2.0.
+    paused = hold(1, 1, 0.0, 1.4, checks=[0.0, 0.5], writes=[Write(1, 1, True, 0.0, 0.01)])
+    paused.writes.append(Write(2, 1, False, 3.0, 3.01))
+    successor = hold(2, 2, 2.0, 4.0, writes=[Write(1, 2, True, 2.0, 2.01)])
+    stop = Fault("sigstop", 0.55, 3.0, "host-1", 1)
+    report = run([paused, successor], [stop])
+    assert [(v.cause, v.start, v.end) for v in report.violations] == [("sigstop", 2.0, 3.01)]
+    assert report.groups["solo"].max_outside_sigstop == 1
+    assert report.late_writes == 1
+    assert report.late_accepted == 0
+    # Without the SIGSTOP the same records are a pause of the holder, and count.
+    report = run([paused, successor])
+    assert [v.cause for v in report.violations] == ["pause"]
+    assert report.groups["solo"].max_outside_sigstop == 2
+    # A SIGSTOP of another process explains nothing.
+    report = run([paused, successor], [Fault("sigstop", 0.55, 3.0, "host-9", 9)])
+    assert [v.cause for v in report.violations] == ["pause"]
+
+
+def test_a_stale_write_accepted_after_a_newer_one_is_counted() -> None:
+    log = [
+        LoggedWrite(1, "solo", 5, True, "a", 1, 1),
+        LoggedWrite(2, "solo", 7, True, "b", 2, 1),
+        LoggedWrite(3, "solo", 6, False, "a", 1, 2),
+        LoggedWrite(4, "solo", 6, True, "a", 1, 3),  # what a broken resource would do
+    ]
+    report = run([], write_log=log)
+    assert (report.writes_accepted, report.stale_refused, report.stale_accepted) == (3, 1, 1)
+
+
+def test_a_refused_write_inside_its_lease_is_counted() -> None:
+    report = run([hold(1, 3, 0.0, 1.0, writes=[Write(1, 3, False, 0.5, 0.51)])])
+    assert report.in_lease_refused == 1
+
+
+def test_a_token_not_above_an_earlier_grant_is_a_regression() -> None:
+    first, second = hold(1, 10, 0.0, 1.0), hold(2, 4, 2.0, 3.0, t_req=1.5)
+    assert token_regressions([first, second]) == [(first, second)]
+    # Asked before the other's acquire returned: the order of the grants is unknown.
+    overlapping_request = hold(2, 4, 2.0, 3.0, t_req=-0.5)
+    assert token_regressions([first, overlapping_request]) == []
+
+
+def test_grants_inside_the_restart_grace_are_counted() -> None:
+    restart = Fault("restart", 10.0, 11.0, detail={"exited": 10.1, "spawned": 10.8})
+    holds = [hold(1, 1, 9.0, 9.5), hold(2, 2, 11.5, 12.0), hold(3, 3, 12.5, 13.0)]
+    report = check([HolderLog("all", holds=holds)], [restart], [], {"solo": 1}, restart_grace=1.5)
+    assert report.grants_in_grace == 1  # 11.5 < 10.8 + 1.5
+
+
+def test_records_of_a_killed_holder_end_at_the_kill(tmp_path: Path) -> None:
+    lines = [
+        {"ev": "ready", "hostname": "faults-host-0", "pid": 42, "t": 0.0},
+        {"ev": "start", "group": "solo", "limit": 1, "fence": 7, "t_req": 0.1, "t": 0.2, "vu": 1.6},
+        {"ev": "check", "t": 0.2, "vu": 1.6, "step": 0.0},
+        {"ev": "write", "seq": 1, "fence": 7, "accepted": True, "t": 0.2, "done": 0.21},
+        {"ev": "end", "t": 0.9, "reason": "done", "vu": 1.6, "group": "solo"},
+        {"ev": "start", "group": "solo", "limit": 1, "fence": 9, "t_req": 1.0, "t": 1.1, "vu": 2.5},
+    ]
+    path = tmp_path / "h0-001.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"ev": "che')  # cut by the kill
+    log = parse_records(path, kills={"h0-001.jsonl": 1.7})
+    assert [(h.fence, h.start, h.end, h.reason) for h in log.holds] == [
+        (7, 0.2, 0.9, "done"),
+        (9, 1.1, 1.7, "killed"),
+    ]
+    assert log.holds[0].writes == [Write(1, 7, True, 0.2, 0.21)]
+    assert log.hostname == "faults-host-0"

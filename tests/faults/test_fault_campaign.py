@@ -1,0 +1,68 @@
+"""The short fault campaign (about 1.5 minutes): three hosts (network namespaces), holders
+on each, and every kind of fault at least once (``campaign.py``). It asserts the
+throttle's safety: never more believers than the limit, fencing tokens that only go up
+(also across a Redis restart), no grant inside the restart grace, every stale write
+refused, and that the campaign did exercise what it claims to (holds, faults, a late
+write refused).
+
+Needs root (namespaces), iproute2, ``unshare``, ``redis-server`` and PostgreSQL on
+127.0.0.1:5432; it touches no other Redis. ``TWF_SEED`` picks another fault schedule;
+``TWF_KEEP=1`` keeps records and logs in ``test-artifacts/faults-<id>`` (kept anyway
+when the run fails). The long run is ``benchmarks/throttle_fault_campaign.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.faults.campaign import FAULT_KINDS, CampaignConfig, run_campaign
+
+pytestmark = pytest.mark.services
+
+#: Seconds of faults; set-up, the holders' stop and the check add about 15 s.
+DURATION = 70.0
+
+
+def missing_requirements() -> list[str]:
+    missing = [] if os.geteuid() == 0 else ["root"]
+    missing += [tool for tool in ("ip", "unshare", "redis-server") if shutil.which(tool) is None]
+    try:
+        import psycopg
+
+        psycopg.connect(
+            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3
+        ).close()
+    except Exception as exc:
+        missing.append(f"PostgreSQL on 127.0.0.1:5432 ({exc})")
+    return missing
+
+
+def test_throttle_keeps_its_limit_and_fencing_refuses_stale_writes_under_faults() -> None:
+    if missing := missing_requirements():
+        pytest.skip(f"needs {', '.join(missing)}")
+    config = CampaignConfig(
+        seed=int(os.environ.get("TWF_SEED", "20261201")),
+        duration=DURATION,
+        keep_artifacts=os.environ.get("TWF_KEEP") == "1",
+    )
+    report, artifacts = run_campaign(config)
+    print(report.table())
+    evidence = "\n\n".join([v.describe() for v in report.violations if v.cause != "sigstop"] + report.notes)
+    where = f"(seed {config.seed}; records in {artifacts} when the run failed)"
+
+    # Safety.
+    assert report.unexplained == 0, f"more believers than the limit {where}:\n{evidence}"
+    for group in report.groups.values():
+        assert group.max_believers <= group.limit, f"{group} {where}"
+    assert report.stale_accepted == 0, f"stale writes accepted {where}:\n{evidence}"
+    assert report.token_regressions == 0, f"fencing tokens went backwards {where}:\n{evidence}"
+    assert report.in_lease_refused == 0, f"writes refused inside their lease {where}:\n{evidence}"
+    assert report.grants_in_grace == 0, f"grants inside the Redis restart grace {where}:\n{evidence}"
+    # The campaign did what it says.
+    assert report.holds >= 50, report.table()
+    assert set(report.faults) >= set(FAULT_KINDS), report.faults
+    assert len(report.hostnames) == 3, report.hostnames
+    assert report.stale_refused >= 1, f"no late write reached the fenced resource {where}"
