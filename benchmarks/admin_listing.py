@@ -123,7 +123,11 @@ def fill_redis(groups: int, per_group: int) -> float:
 
 
 def fill_database_cache(groups: int, per_group: int) -> float:
-    """Write the slots the generic backend's ``acquire`` would write, in bulk; seconds taken."""
+    """Write the records the backend's ``acquire`` would write, in bulk; seconds taken.
+
+    The DatabaseCache backend keeps one record per group (``GroupRecord``); the generic
+    backend one key per slot and a registry of groups.
+    """
     from django.core.cache import caches
 
     from task_workflow.throttle import (
@@ -133,25 +137,42 @@ def fill_database_cache(groups: int, per_group: int) -> float:
         get_backend,
     )
     from task_workflow.throttle.cache_backend import REGISTRY_KEY
+    from task_workflow.throttle.database_backend import GROUP_KEY_PREFIX, GroupRecord
 
     backend = get_backend()
-    assert isinstance(backend, CacheThrottleBackend), f"expected the cache backend, got {backend!r}"
+    assert isinstance(backend, CacheThrottleBackend | DatabaseCacheThrottleBackend), (
+        f"expected a cache backend, got {backend!r}"
+    )
     cache = caches[DB_CACHE_ALIAS]
     cache.clear()
     start = time.perf_counter()
     registry: dict[str, dict[str, Any]] = {}
     values: dict[str, Any] = {}
+    fence = int(time.time() * 1_000_000)
     for index in range(groups):
         task_name, key = group_of(index)
         group = SlotGroup(task_name, key)
-        registry[group.digest] = {"task_name": task_name, "key": key, "concurrency": per_group}
-        for slot in range(per_group):
-            metadata = metadata_for(task_name, key, per_group, index)
-            values[backend._slot_key(group, slot)] = {
-                "token": uuid.uuid4().hex,
-                "deadline": time.time() + TTL,
-                **metadata,
-            }
+        metadata = metadata_for(task_name, key, per_group, index)
+        if isinstance(backend, DatabaseCacheThrottleBackend):
+            record = GroupRecord(task_name, key)
+            for slot in range(per_group):
+                fence += 1
+                record.holders[uuid.uuid4().hex] = {
+                    **metadata,
+                    "deadline": time.time() + TTL,
+                    "fencing_token": fence,
+                    "slot": slot,
+                }
+            record.counter = fence
+            values[GROUP_KEY_PREFIX + group.digest] = record.dump()
+        else:
+            registry[group.digest] = {"task_name": task_name, "key": key, "concurrency": per_group}
+            for slot in range(per_group):
+                values[backend._slot_key(group, slot)] = {
+                    "token": uuid.uuid4().hex,
+                    "deadline": time.time() + TTL,
+                    **metadata,
+                }
         if len(values) >= 1000:
             cache.set_many(values, timeout=TTL)
             values = {}
