@@ -22,7 +22,8 @@ Short rounds interleave the variants (order reversed every other round) so drift
 all of them alike; each variant's figure is the median over rounds of the per-op mean, and its
 ratio the median over rounds of its mean / raw's mean in the same round (paired, so a
 slow round does not skew it). Targets: backend <= 1.15x raw, throttle() API <= 1.20x.
-The Redis round trip (median PING) is printed for scale; "+us" = median us/op - raw's, "RTTs" = median us/op / PING.
+The Redis round trip (median PING) is printed for scale; "+us" = median us/op - raw's,
+"RTTs" = median us/op / PING.
 Absolute figures move with the machine's state (on a 2-vCPU VM raw took 250-360 us per
 pair from run to run, mostly redis-py's own Python work): compare within one run only.
 Measured there: backend 1.14x-1.22x, throttle() API 1.28x-1.40x, redis.lock.Lock
