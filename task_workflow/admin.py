@@ -9,20 +9,22 @@ from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.models import DELETION, LogEntry
+from django.contrib.auth import get_permission_codename
 from django.contrib.contenttypes.admin import GenericTabularInline
 from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.db.models import QuerySet
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
 from django_fsm import TransitionNotAllowed
 from django_fsm.admin import FSMAdminMixin
 
-from .locks import SORT_KEYS, force_release, list_locks
+from .locks import SORT_KEYS, ReleaseFailed, force_release, list_locks, parse_refs
 from .models import StateMixin, ThrottleLock, TransitionRecord
-from .throttle import HeldSlot, get_backend
+from .throttle import SlotGroup, get_backend
 from .transitions import TransitionOrigin, apply_transition
 
 #: Badge colours per state; other states get the neutral one.
@@ -137,6 +139,41 @@ class TransitionRecordAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # an audit trail
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[TransitionRecord]:
+        # The records hold every model's error texts: each user sees those of the models it
+        # may view (list, search, filters, the record's own page all start from here).
+        queryset = super().get_queryset(request)
+        if request.user.is_superuser:
+            return queryset
+        # The list asks once per filter too: work it out once per request.
+        viewable = getattr(request, "_task_workflow_viewable_content_types", None)
+        if viewable is None:
+            viewable = self._viewable_content_types(request)
+            setattr(request, "_task_workflow_viewable_content_types", viewable)  # noqa: B010
+        return queryset.filter(content_type_id__in=viewable)
+
+    def _viewable_content_types(self, request: HttpRequest) -> list[int]:
+        """Ids of the content types whose objects the user may view or change: through the
+        model's own admin where it has one, else by its view/change permission."""
+        user = request.user
+        viewable = []
+        for content_type in ContentType.objects.all():
+            model = content_type.model_class()
+            if model is None:  # a model that no longer exists: superusers only
+                continue
+            model_admin = self.admin_site._registry.get(model)
+            if model_admin is not None:
+                allowed = model_admin.has_view_or_change_permission(request)
+            else:
+                opts = model._meta
+                allowed = any(
+                    user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
+                    for action in ("view", "change")
+                )
+            if allowed:
+                viewable.append(content_type.pk)
+        return viewable
+
     @admin.display(description="entity", ordering="object_id")
     def entity_link(self, record: TransitionRecord) -> str:
         label = f"{record.content_type.model} {record.entity_uuid or record.object_id}"
@@ -202,6 +239,29 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
         else:
             super().save_model(request, obj, form, change)
 
+    def fsm_transition_view(
+        self, request: HttpRequest, object_id: str, transition_name: str, **kwargs: Any
+    ) -> HttpResponse:
+        """django-fsm-2's form view of one transition (``<pk>/transition/<name>/``), for users
+        who may change the entity: django-fsm-2 checks only the transition's own
+        ``permission=``, which most transitions do not have. Nothing is shown or applied
+        otherwise (403), for GET and POST alike."""
+        obj = self.get_object(request, object_id)
+        if not self.has_change_permission(request, obj):
+            raise PermissionDenied
+        if obj is not None:
+            transition = self._get_fsm_transition_by_name(obj=obj, transition_name=transition_name)
+            if not self.is_fsm_transition_visible(transition):
+                raise PermissionDenied
+        return super().fsm_transition_view(request, object_id, transition_name, **kwargs)
+
+    def _get_fsm_transition_func(self, *, obj: Any, transition_name: str) -> Any:
+        # A name that is not a transition (from a URL or a POSTed button) is a 404, not a 500.
+        try:
+            return super()._get_fsm_transition_func(obj=obj, transition_name=transition_name)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise Http404(str(exc)) from None
+
     def _get_fsm_extra_context(self, *, request: HttpRequest, obj: Any) -> Any:
         # Transition buttons only for users who may change the entity.
         if obj is None or not self.has_change_permission(request, obj):
@@ -214,6 +274,10 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
     def _apply_fsm_transition(
         self, *, obj: Any, transition_name: str, request: HttpRequest, kwargs: Any = None
     ) -> bool:
+        # Every path that applies a transition (the change form's buttons, the form view)
+        # ends here: never for a user who may not change the entity.
+        if not self.has_change_permission(request, obj):
+            raise PermissionDenied
         if not hasattr(obj, "uuid"):  # not a UuidMixin model: django-fsm's own path
             return bool(
                 super()._apply_fsm_transition(
@@ -363,9 +427,14 @@ class ThrottleLockAdmin(admin.ModelAdmin):
     def _release_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_release_permission(request):
             raise PermissionDenied
-        refs = request.POST.getlist("slot")
+        refs = list(dict.fromkeys(request.POST.getlist("slot")))  # each slot once
         if not refs:
             self.message_user(request, "Select at least one lock to release.", messages.WARNING)
+            return HttpResponseRedirect(request.get_full_path())
+        try:
+            parse_refs(refs)  # all of them, before asking or releasing anything
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
         if request.POST.get("confirm") != "yes":
             selected = self._describe_refs(refs)
@@ -377,11 +446,40 @@ class ThrottleLockAdmin(admin.ModelAdmin):
                 "selected": selected,
             }
             return TemplateResponse(request, self.confirm_template, context)
+        failure: ReleaseFailed | None = None
         try:
             results = force_release(refs, actor=f"admin user {request.user.get_username()}")
         except ValueError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
+        except ReleaseFailed as exc:
+            failure, results = exc, exc.done
+        self._log_releases(request, results)  # also those done before a failure
+        released_count = sum(1 for _, _, released in results if released)
+        if failure is not None:
+            untried = (
+                ""
+                if not failure.untried
+                else f"; the other {failure.untried} {'was' if failure.untried == 1 else 'were'} not tried"
+            )
+            self.message_user(
+                request,
+                f"Released {released_count} of {len(refs)} selected locks, then releasing {failure.group} "
+                f"failed ({type(failure.error).__name__}: {failure.error}){untried}.",
+                messages.ERROR,
+            )
+            return HttpResponseRedirect(request.get_full_path())
+        self.message_user(
+            request,
+            f"Released {released_count} of {len(results)} selected locks"
+            + ("" if released_count == len(results) else " (the others were already free)"),
+            messages.SUCCESS,
+        )
+        return HttpResponseRedirect(request.get_full_path())
+
+    @staticmethod
+    def _log_releases(request: HttpRequest, results: list[tuple[SlotGroup, str, bool]]) -> None:
+        """One admin log entry per slot released (or found already free)."""
         content_type = ContentType.objects.get_for_model(ThrottleLock, for_concrete_model=False)
         for group, token, released in results:
             LogEntry.objects.create(
@@ -392,25 +490,13 @@ class ThrottleLockAdmin(admin.ModelAdmin):
                 action_flag=DELETION,
                 change_message=f"Force-released throttle slot ({'released' if released else 'already free'})",
             )
-        released_count = sum(1 for _, _, released in results if released)
-        self.message_user(
-            request,
-            f"Released {released_count} of {len(results)} selected locks"
-            + ("" if released_count == len(results) else " (the others were already free)"),
-            messages.SUCCESS,
-        )
-        return HttpResponseRedirect(request.get_full_path())
 
     @staticmethod
     def _describe_refs(refs: list[str]) -> list[str]:
+        """A line per slot for the confirmation page (the refs are well-formed)."""
         held = {(slot.group, slot.token): slot for slot in get_backend().held_slots()}
         descriptions = []
-        for ref in refs:
-            try:
-                group, token, _ = HeldSlot.parse_ref(ref)
-            except ValueError:
-                descriptions.append(f"(unreadable reference {ref[:40]!r})")
-                continue
+        for group, token, _ in parse_refs(refs):
             slot = held.get((group, token))
             if slot is None:
                 descriptions.append(f"{group} — holder token {token[:8]} (no longer held)")

@@ -1,34 +1,80 @@
-"""Django system checks for task_workflow's configuration."""
+"""Django system checks for task_workflow's configuration.
+
+``check_settings`` (tag ``compatibility``) checks the ``TASK_WORKFLOW`` dict: E001 to E003.
+``check_lock_cache`` (tag ``caches``) checks the cache that holds throttle slots:
+
+- errors where throttle limits cannot hold: DummyCache (E007), FileBasedCache (E005), a
+  DatabaseCache on a database the throttle cannot lock (E006), a ``LOCK_TTL`` Memcached
+  cannot store (E004), a ``MAX_ENTRIES`` Django cannot read (E008);
+- warnings: a per-process cache (W001), ``IGNORE_EXCEPTIONS`` (W002), culling (W003), a
+  socket timeout of 1 s or less (W004), a cache that could not be inspected (W005).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.utils.module_loading import import_string
 
 from .conf import DEFAULTS
 
-PER_PROCESS_CACHES = (
-    "django.core.cache.backends.locmem.LocMemCache",
-    "django.core.cache.backends.dummy.DummyCache",
+#: Cache backends by what they mean for throttle slots, matched by class (subclasses too).
+CACHE_KINDS = (
+    ("dummy", "django.core.cache.backends.dummy.DummyCache"),
+    ("locmem", "django.core.cache.backends.locmem.LocMemCache"),
+    ("file", "django.core.cache.backends.filebased.FileBasedCache"),
+    ("database", "django.core.cache.backends.db.DatabaseCache"),
+    ("memcached", "django.core.cache.backends.memcached.BaseMemcachedCache"),
+    ("django_redis", "django_redis.cache.RedisCache"),
+    ("redis", "django.core.cache.backends.redis.RedisCache"),
+)
+
+#: Caches that cull entries past ``OPTIONS['MAX_ENTRIES']`` (default 300).
+CULLING_KINDS = ("database", "file")
+
+#: Below this many entries a culling lock cache gets W003.
+MIN_MAX_ENTRIES = 100_000
+
+#: Socket timeouts (seconds) at or below which the lock cache gets W004.
+SHORT_SOCKET_TIMEOUT = 1.0
+
+USE_A_SHARED_CACHE = (
+    "Point TASK_WORKFLOW['CACHE'] at a django-redis cache (or a DatabaseCache on PostgreSQL or SQLite)."
 )
 
 
 def _number(value: Any, *, minimum: float, allow_none: bool = False) -> bool:
+    """A finite ``int`` or ``float`` >= ``minimum`` (``bool`` is not a number here), or
+    ``None`` where allowed. ``inf`` would pass the comparison, and the throttle computes in
+    floats (an ``int`` too large for one is refused too)."""
     if value is None:
         return allow_none
-    return not isinstance(value, bool) and isinstance(value, int | float) and value >= minimum
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        return False
+    return finite and value >= minimum
 
 
 VALIDATORS: dict[str, tuple[Any, str]] = {
     "CACHE": (lambda v: isinstance(v, str) and v in settings.CACHES, "a cache alias defined in CACHES"),
-    "LOCK_TTL": (lambda v: _number(v, minimum=0.001) and v > 0, "a number of seconds > 0"),
-    "THROTTLE_WAIT": (lambda v: _number(v, minimum=0, allow_none=True), "seconds >= 0, or None"),
-    "THROTTLE_RETRY_BACKOFF": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
-    "THROTTLE_RETRY_BACKOFF_MAX": (lambda v: _number(v, minimum=0.001), "a number of seconds > 0"),
-    "THROTTLE_SOCKET_TIMEOUT": (lambda v: _number(v, minimum=0.01), "a number of seconds >= 0.01"),
-    "THROTTLE_RESTART_GRACE": (lambda v: _number(v, minimum=0, allow_none=True), "seconds >= 0, or None"),
+    "LOCK_TTL": (lambda v: _number(v, minimum=0.001) and v > 0, "a finite number of seconds > 0"),
+    "THROTTLE_WAIT": (
+        lambda v: _number(v, minimum=0, allow_none=True),
+        "a finite number of seconds >= 0, or None to wait as long as it takes",
+    ),
+    "THROTTLE_RETRY_BACKOFF": (lambda v: _number(v, minimum=0.001), "a finite number of seconds > 0"),
+    "THROTTLE_RETRY_BACKOFF_MAX": (lambda v: _number(v, minimum=0.001), "a finite number of seconds > 0"),
+    "THROTTLE_SOCKET_TIMEOUT": (lambda v: _number(v, minimum=0.01), "a finite number of seconds >= 0.01"),
+    "THROTTLE_RESTART_GRACE": (
+        lambda v: _number(v, minimum=0, allow_none=True),
+        "a finite number of seconds >= 0, or None for LOCK_TTL",
+    ),
     "HEAVY_QUEUE": (lambda v: isinstance(v, str) and bool(v), "a non-empty queue name"),
     "TRANSITION_HISTORY": (lambda v: isinstance(v, bool), "True or False"),
 }
@@ -62,41 +108,90 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     return messages
 
 
+def _cache_kind(backend: str) -> str | None:
+    """What ``backend`` (a ``CACHES[...]['BACKEND']`` path) is, of :data:`CACHE_KINDS`;
+    ``None`` for any other cache, or one that does not import (Django reports that)."""
+    try:
+        cls = import_string(backend)
+    except ImportError:
+        cls = None
+    for kind, path in CACHE_KINDS:
+        if backend == path:
+            return kind
+        try:
+            base = import_string(path)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, base):
+            return kind
+    return None
+
+
+def _setting(name: str, configured: dict[str, Any]) -> Any:
+    """``configured[name]`` if it passes its validator, else the default (check_settings
+    reports the bad value)."""
+    value = configured.get(name, DEFAULTS[name])
+    is_valid, _ = VALIDATORS[name]
+    return value if is_valid(value) else DEFAULTS[name]
+
+
 @register(Tags.caches)
 def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """The cache that holds throttle slots must be shared by every worker process."""
+    """The cache that holds throttle slots must be shared by every worker process and
+    able to take a slot atomically."""
     configured = getattr(settings, "TASK_WORKFLOW", None) or {}
     if not isinstance(configured, dict):
         return []  # check_settings reports it
     alias = configured.get("CACHE", DEFAULTS["CACHE"])
     config: dict[str, Any] | None = settings.CACHES.get(alias) if isinstance(alias, str) else None
-    if config is None:
+    if not isinstance(config, dict):
         return []  # check_settings reports it
-    backend: str = config.get("BACKEND", "")
+    backend: str = str(config.get("BACKEND", ""))
+    name = backend.rsplit(".", 1)[-1]
+    options = config.get("OPTIONS")
+    if not isinstance(options, dict):
+        options = {}  # Django's own cache setup reports it
+    kind = _cache_kind(backend)
     messages: list[CheckMessage] = []
-    if backend in PER_PROCESS_CACHES:
+    if kind == "dummy":
+        messages.append(
+            Error(
+                f"Throttle slots live in cache {alias!r} ({name}), which stores nothing: every "
+                "acquire succeeds, so there is no limit at all, in any process.",
+                hint=USE_A_SHARED_CACHE,
+                id="task_workflow.E007",
+            )
+        )
+    if kind == "locmem":
         messages.append(
             Warning(
-                f"Throttle slots live in cache {alias!r} ({backend.rsplit('.', 1)[-1]}), which is "
+                f"Throttle slots live in cache {alias!r} ({name}), which is "
                 "private to each process: throttle limits will not hold across workers.",
                 hint="Point TASK_WORKFLOW['CACHE'] at a django-redis cache (or DatabaseCache).",
                 id="task_workflow.W001",
             )
         )
-    culling = (
-        "django.core.cache.backends.db.DatabaseCache",
-        "django.core.cache.backends.filebased.FileBasedCache",
-    )
-    if backend in culling and int(config.get("OPTIONS", {}).get("MAX_ENTRIES", 300)) < 100_000:
+    if kind == "file":
         messages.append(
-            Warning(
-                f"Cache {alias!r} culls entries past OPTIONS['MAX_ENTRIES'] (default 300), which "
-                "would drop live throttle slots.",
-                hint="Set OPTIONS={'MAX_ENTRIES': 1_000_000} (or more) on the lock cache.",
-                id="task_workflow.W003",
+            Error(
+                f"Throttle slots live in cache {alias!r} ({name}), whose add() is not atomic (it "
+                "checks for the file, then writes it): two workers can both take the same slot, so "
+                "throttle limits do not hold.",
+                hint=USE_A_SHARED_CACHE,
+                id="task_workflow.E005",
             )
         )
-    if backend.startswith("django_redis.") and config.get("OPTIONS", {}).get("IGNORE_EXCEPTIONS"):
+    if kind == "database":
+        messages.extend(_check_database_cache(alias))
+    if kind in CULLING_KINDS:
+        messages.extend(_check_max_entries(alias, options))
+    if kind == "memcached":
+        messages.extend(_check_memcached_ttl(alias, name, _setting("LOCK_TTL", configured)))
+    if kind in ("django_redis", "redis"):
+        messages.extend(
+            _check_socket_timeout(alias, kind, options, _setting("THROTTLE_SOCKET_TIMEOUT", configured))
+        )
+    if kind == "django_redis" and options.get("IGNORE_EXCEPTIONS"):
         messages.append(
             Warning(
                 f"Cache {alias!r} has IGNORE_EXCEPTIONS=True, which hides 'Redis down' from "
@@ -106,3 +201,125 @@ def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
             )
         )
     return messages
+
+
+def _check_database_cache(alias: str) -> list[CheckMessage]:
+    """E006 when the throttle's own DatabaseCache backend cannot lock the cache's database:
+    there the generic backend would use Django's ``DatabaseCache.add``, which over an
+    expired row reads, then updates (two workers can both win)."""
+    from django.core.cache import caches
+    from django.db import connections, router
+
+    from .throttle import DatabaseCacheThrottleBackend
+
+    try:
+        cache = caches[alias]
+        if DatabaseCacheThrottleBackend.supports(cache):
+            return []
+        database = router.db_for_write(cache.cache_model_class)  # type: ignore[attr-defined]
+        vendor = connections[database].vendor
+    except Exception as exc:  # an unreachable database, a bad router, ...: never crash checks
+        return [
+            Warning(
+                f"Could not tell whether cache {alias!r} can hold throttle slots safely: "
+                f"{type(exc).__name__}: {exc}",
+                hint="Check the cache's database (its alias, router and server), then run "
+                "`manage.py check` again.",
+                id="task_workflow.W005",
+            )
+        ]
+    return [
+        Error(
+            f"Throttle slots live in cache {alias!r}, a DatabaseCache on database {database!r} "
+            f"({vendor}), where the throttle cannot lock its rows and Django's DatabaseCache.add() "
+            "is not atomic (over an expired entry it reads, then updates): two workers can both "
+            "take the same slot, so throttle limits do not hold.",
+            hint="Put the lock cache's table on PostgreSQL or SQLite, or point TASK_WORKFLOW['CACHE'] "
+            "at a django-redis cache.",
+            id="task_workflow.E006",
+        )
+    ]
+
+
+def _check_max_entries(alias: str, options: dict[str, Any]) -> list[CheckMessage]:
+    """E008 for a ``MAX_ENTRIES`` Django cannot read as an integer (it then culls at its
+    default of 300, or fails), W003 for one that culls live slots."""
+    raw = options.get("MAX_ENTRIES", 300)
+    hint = "Set OPTIONS={'MAX_ENTRIES': 1_000_000} (or more) on the lock cache."
+    try:
+        max_entries = int(raw)
+    except (TypeError, ValueError, OverflowError):
+        return [
+            Error(
+                f"Cache {alias!r} has OPTIONS['MAX_ENTRIES'] = {raw!r}, which Django cannot read as "
+                "an integer: it then culls at its default of 300 entries (or fails to create the "
+                "cache), which would drop live throttle slots.",
+                hint=hint,
+                id="task_workflow.E008",
+            )
+        ]
+    if max_entries >= MIN_MAX_ENTRIES:
+        return []
+    return [
+        Warning(
+            f"Cache {alias!r} culls entries past OPTIONS['MAX_ENTRIES'] (default 300), which "
+            "would drop live throttle slots.",
+            hint=hint,
+            id="task_workflow.W003",
+        )
+    ]
+
+
+def _check_memcached_ttl(alias: str, name: str, ttl: float) -> list[CheckMessage]:
+    """E004 for a ``LOCK_TTL`` Memcached cannot store: Django sends it ``int(ttl)``
+    seconds, and ``int(ttl) == 0`` as "expire at once"."""
+    if ttl >= 1 and float(ttl).is_integer():
+        return []
+    effect = (
+        "at once, so there is no limit"
+        if ttl < 1
+        else f"after {int(ttl)}s while their holders count on {ttl:g}s"
+    )
+    return [
+        Error(
+            f"TASK_WORKFLOW['LOCK_TTL'] = {ttl!r} cannot be stored by cache {alias!r} ({name}): "
+            "Memcached keeps whole seconds (Django sends int(LOCK_TTL), and 0 as 'expire at once'), "
+            f"so leases would end {effect}.",
+            hint="Set TASK_WORKFLOW['LOCK_TTL'] to a whole number of seconds >= 1, and pass whole "
+            "seconds to throttle(ttl=...). Memcached's clock ticks once a second, so an entry can "
+            "also expire up to 1 s early: below 50 s that is more than the 2 % margin of lease.lost.",
+            id="task_workflow.E004",
+        )
+    ]
+
+
+def _check_socket_timeout(
+    alias: str, kind: str, options: dict[str, Any], throttle_timeout: float
+) -> list[CheckMessage]:
+    """W004 for a Redis socket timeout of 1 s or less: the throttle's own connections take
+    the shorter of it and ``THROTTLE_SOCKET_TIMEOUT``, and cap each ``BLPOP`` at half that."""
+    if kind == "django_redis":
+        pool_kwargs = options.get("CONNECTION_POOL_KWARGS")
+        if isinstance(pool_kwargs, dict) and "socket_timeout" in pool_kwargs:
+            # django-redis passes these to the pool after (over) SOCKET_TIMEOUT.
+            option, timeout = "['CONNECTION_POOL_KWARGS']['socket_timeout']", pool_kwargs["socket_timeout"]
+        else:
+            # django-redis ignores a SOCKET_TIMEOUT of 0 (no timeout).
+            option, timeout = "['SOCKET_TIMEOUT']", options.get("SOCKET_TIMEOUT") or None
+    else:
+        option, timeout = "['socket_timeout']", options.get("socket_timeout")
+    if not _number(timeout, minimum=0) or not 0 < timeout <= SHORT_SOCKET_TIMEOUT:
+        return []
+    effective = min(float(timeout), float(throttle_timeout))
+    return [
+        Warning(
+            f"Cache {alias!r} has a socket timeout of {timeout!r}s: the throttle's own Redis "
+            f"connections then time out after {effective:g}s, so any throttle call that takes longer "
+            "fails (the task is re-queued; a renewal counts as missed), and each blocking wait "
+            f"(BLPOP) is capped at half of it: waiters poll Redis every {effective / 2:g}s instead of "
+            "blocking for up to 1 s.",
+            hint=f"Set OPTIONS{option} of the lock cache to at least 2 (seconds; e.g. 5): "
+            "TASK_WORKFLOW['THROTTLE_SOCKET_TIMEOUT'] already bounds each throttle call.",
+            id="task_workflow.W004",
+        )
+    ]

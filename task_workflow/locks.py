@@ -74,20 +74,90 @@ def list_locks(
     return rows
 
 
+class ReleaseFailed(Exception):
+    """The store failed part-way through :func:`force_release`.
+
+    ``done`` holds ``(group, token, released)`` of each slot handled before the one that
+    failed (``group``, ``token``); the slots after it were not tried.
+    """
+
+    def __init__(
+        self,
+        *,
+        done: list[tuple[SlotGroup, str, bool]],
+        group: SlotGroup,
+        token: str,
+        total: int,
+        error: Exception,
+    ) -> None:
+        self.done = done
+        self.group = group
+        self.token = token
+        self.total = total
+        self.error = error
+        self.untried = total - len(done) - 1
+        super().__init__(
+            f"releasing {group} failed ({type(error).__name__}: {error}) after {len(done)} of {total} "
+            f"slots; {self.untried} more not tried"
+        )
+
+
+def _shorten(ref: str, limit: int = 80) -> str:
+    return ref if len(ref) <= limit else f"{ref[: limit - 1]}…"
+
+
+def parse_refs(refs: Iterable[str]) -> list[tuple[SlotGroup, str, str]]:
+    """``(group, token, slot)`` of every :attr:`HeldSlot.ref`, in order.
+
+    ``ValueError`` naming each malformed one (the first five) if any is: then nothing may
+    be released.
+    """
+    refs = list(refs)
+    parsed, malformed = [], []
+    for ref in refs:
+        try:
+            parsed.append(HeldSlot.parse_ref(ref))
+        except ValueError:
+            malformed.append(ref)
+    if not malformed:
+        return parsed
+    shown = ", ".join(repr(_shorten(ref)) for ref in malformed[:5]) + (", …" if len(malformed) > 5 else "")
+    if len(refs) == 1:
+        raise ValueError(f"Nothing released: not a throttle slot reference: {shown}.")
+    if len(malformed) == 1:
+        raise ValueError(
+            f"Nothing released: 1 of the {len(refs)} selected references is not a throttle slot "
+            f"reference: {shown}."
+        )
+    raise ValueError(
+        f"Nothing released: {len(malformed)} of the {len(refs)} selected references are not throttle "
+        f"slot references: {shown}."
+    )
+
+
 def force_release(
     refs: Iterable[str], *, actor: str, cache: str | None = None
 ) -> list[tuple[SlotGroup, str, bool]]:
     """Release the slots named by :attr:`HeldSlot.ref`, whoever holds them.
 
-    Waiters are woken. The holder's own later release finds nothing and is harmless; its
-    next renewal marks its lease lost. Each release is logged with ``actor``. Returns
-    ``(group, token, released)`` per slot.
+    Every reference is read first: if any is malformed, ``ValueError`` (from
+    :func:`parse_refs`) and nothing is released. Waiters are woken. The holder's own later
+    release finds nothing and is harmless; its next renewal marks its lease lost. Each
+    release is logged with ``actor``. Returns ``(group, token, released)`` per slot. If the
+    store fails on one, :class:`ReleaseFailed` carries what was done before it, and the
+    rest are not tried (an unreachable store would fail each after its timeout).
     """
+    parsed = parse_refs(refs)
     backend = get_backend(cache)
-    results = []
-    for ref in refs:
-        group, token, slot = HeldSlot.parse_ref(ref)
-        released = backend.release(group, token, slot)
+    results: list[tuple[SlotGroup, str, bool]] = []
+    for group, token, slot in parsed:
+        try:
+            released = backend.release(group, token, slot)
+        except Exception as exc:
+            logger.exception(
+                "Force release of throttle slot of %s (token %s) by %s failed", group, token, actor
+            )
+            raise ReleaseFailed(done=results, group=group, token=token, total=len(parsed), error=exc) from exc
         logger.warning(
             "Throttle slot of %s (token %s) force-released by %s: %s",
             group,

@@ -26,6 +26,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from django import forms
+from django.contrib import admin as django_admin
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
@@ -36,9 +38,17 @@ from django.urls import reverse
 
 from example_project import tasks as example_tasks
 from example_project.models import Instance
+from task_workflow import locks as locks_module
 from task_workflow.models import ThrottleLock, TransitionRecord
 from task_workflow.tasks import apply_transition, error_transition, throttle
-from task_workflow.throttle import HeldSlot, Lease, RedisThrottleBackend, SlotGroup, get_backend
+from task_workflow.throttle import (
+    DatabaseCacheThrottleBackend,
+    HeldSlot,
+    Lease,
+    RedisThrottleBackend,
+    SlotGroup,
+    get_backend,
+)
 from task_workflow.throttle import cache_backend as cache_backend_module
 from task_workflow.throttle import database_backend as database_backend_module
 from tests.testapp.models import Volume
@@ -448,13 +458,15 @@ def test_filter_by_task_key_and_search(admin_client, slots, name):
 def make_expired_slot(slots: Slots, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Written, Written]:
     """A live lease and one past its deadline (its holder stopped renewing), in one group.
 
-    Redis: a 1 ms lease next to a long one (the long one keeps the group's keys alive; an
-    expired lease stays listed until an acquire that finds the group full sweeps it). The
-    database cache deletes an entry when its lease ends, so there the expired lease is
-    taken by a holder whose clock runs 100 s behind (deadline in the past, entry alive).
+    Redis and the DatabaseCache backend (one record per group): a 1 ms lease next to a long
+    one (the long one keeps the group's record alive; an expired lease stays listed until an
+    acquire sweeps it; on PostgreSQL deadlines use the server's clock, so no client clock can
+    fake one). The generic cache backend deletes an entry when its lease ends, so there the
+    expired lease is taken by a holder whose clock runs 100 s behind (deadline in the past,
+    entry alive).
     """
     live = slots.write(name, "g", concurrency=3, task_id="live-holder")
-    if isinstance(get_backend(), RedisThrottleBackend):
+    if isinstance(get_backend(), RedisThrottleBackend | DatabaseCacheThrottleBackend):
         lapsed = slots.write(name, "g", concurrency=3, ttl=0.001, task_id="lapsed-holder")
     else:
         behind = SimpleNamespace(time=lambda: time.time() - 100, sleep=time.sleep)
@@ -659,9 +671,93 @@ def test_release_without_a_selection_or_with_a_bad_reference(admin_client, slots
     assert messages_of(nothing) == ["Select at least one lock to release."]
     bad = admin_client.post(LOCKS_URL, {"slot": "not-a-ref", "confirm": "yes"}, follow=True)
     [message] = messages_of(bad)
-    assert message.lower() == "not a throttle slot reference: 'not-a-ref'"
+    assert message == "Nothing released: not a throttle slot reference: 'not-a-ref'."
     assert lease.token in held_tokens()
     assert not LogEntry.objects.exists()
+
+
+def test_a_malformed_reference_among_several_releases_nothing(admin_client, slots, name):
+    """All references are read before any slot is released: one malformed reference in
+    the selection releases none of them (nothing half done, nothing left unlogged)."""
+    first = slots.hold(name, "a")
+    second = slots.hold(name, "b")
+    refs = [held_slot(first.token).ref, "not-a-ref", held_slot(second.token).ref, '["t", 5, "tok", ""]']
+
+    response = admin_client.post(LOCKS_URL, {"slot": refs, "confirm": "yes"}, follow=True)
+
+    assert messages_of(response) == [
+        "Nothing released: 2 of the 4 selected references are not throttle slot references: "
+        '\'not-a-ref\', \'["t", 5, "tok", ""]\'.'
+    ]
+    assert {first.token, second.token} <= held_tokens()
+    assert not LogEntry.objects.exists()
+
+
+def test_a_malformed_reference_is_refused_before_the_confirmation_page(admin_client, slots, name):
+    lease = slots.hold(name, "a")
+    response = admin_client.post(LOCKS_URL, {"slot": [held_slot(lease.token).ref, "not-a-ref"]})
+    assert response.status_code == 302
+    followed = admin_client.get(response["Location"])
+    assert messages_of(followed) == [
+        "Nothing released: 1 of the 2 selected references is not a throttle slot reference: 'not-a-ref'."
+    ]
+    assert lease.token in held_tokens()
+
+
+def test_force_release_reads_every_reference_first(slots, name):
+    """``locks.force_release`` itself (the admin's and the command's path)."""
+    lease = slots.hold(name, "a")
+    with pytest.raises(ValueError, match="Nothing released: 1 of the 2 selected references"):
+        locks_module.force_release([held_slot(lease.token).ref, "[]"], actor="test")
+    assert lease.token in held_tokens()
+
+
+def test_releasing_several_slots_logs_each(admin_user, slots, name):
+    leases = [slots.hold(name, f"k{number}") for number in range(3)]
+    refs = [held_slot(lease.token).ref for lease in leases]
+    client = client_for(admin_user)
+
+    response = client.post(LOCKS_URL, {"slot": [*refs, refs[0]], "confirm": "yes"}, follow=True)
+
+    assert messages_of(response) == ["Released 3 of 3 selected locks"]
+    assert not {lease.token for lease in leases} & held_tokens()
+    entries = LogEntry.objects.order_by("id")
+    assert [entry.object_id for entry in entries] == [lease.token for lease in leases]
+    assert [entry.object_repr for entry in entries] == [f"{name}[k{number}]" for number in range(3)]
+    assert {entry.user for entry in entries} == {admin_user}
+    assert all(entry.action_flag == DELETION for entry in entries)
+
+
+def test_a_store_failure_part_way_logs_what_was_released(admin_client, slots, name, monkeypatch):
+    """The store fails on the second of three releases: the first is released and logged,
+    the operator is told which failed, and the third is not tried."""
+    leases = [slots.hold(name, f"k{number}") for number in range(3)]
+    refs = [held_slot(lease.token).ref for lease in leases]
+    backend = get_backend()
+    real_release = backend.release
+    calls: list[str] = []
+
+    def failing_release(group: SlotGroup, token: str, slot: str = "") -> bool:
+        calls.append(token)
+        if len(calls) == 2:
+            raise ConnectionError("store went away")
+        return real_release(group, token, slot)
+
+    monkeypatch.setattr(backend, "release", failing_release)
+    response = admin_client.post(LOCKS_URL, {"slot": refs, "confirm": "yes"}, follow=True)
+    monkeypatch.undo()
+
+    assert calls == [leases[0].token, leases[1].token]
+    [message] = messages_of(response)
+    assert message == (
+        f"Released 1 of 3 selected locks, then releasing {name}[k1] failed "
+        "(ConnectionError: store went away); the other 1 was not tried."
+    )
+    assert leases[0].token not in held_tokens()
+    assert {leases[1].token, leases[2].token} <= held_tokens()
+    [entry] = LogEntry.objects.all()
+    assert entry.object_id == leases[0].token
+    assert entry.object_repr == f"{name}[k0]"
 
 
 @pytest.mark.services
@@ -842,7 +938,9 @@ def test_release_permission_alone_shows_nothing(make_user, pages):
 
 
 def test_staff_who_may_view_history_sees_it_read_only(make_user, pages):
-    client = client_for(make_user("auditor", perms=("task_workflow.view_transitionrecord",)))
+    client = client_for(
+        make_user("auditor", perms=("task_workflow.view_transitionrecord", "example.view_instance"))
+    )
     response = client.get(HISTORY_URL)
     assert response.status_code == 200
     assert str(pages.instance.uuid) in response.content.decode()
@@ -890,6 +988,87 @@ def test_staff_who_may_change_instances_can_apply_transitions(make_user, pages):
     assert response.status_code == 302
     assert Instance.objects.get(pk=pages.instance.pk).state == States.OFFLINE
     assert TransitionRecord.objects.first().user == user
+
+
+class ConfirmSetOffline(forms.Form):
+    """A transition form without fields: the form view only asks to confirm."""
+
+
+@pytest.fixture
+def transition_form(monkeypatch) -> None:
+    """The example's admin asks for a form before ``set_offline`` (django-fsm-2's
+    ``fsm_forms``), so its per-transition view (``<pk>/transition/set_offline/``) serves one."""
+    monkeypatch.setattr(
+        django_admin.site._registry[Instance], "fsm_forms", {"set_offline": ConfirmSetOffline}
+    )
+
+
+def transition_url(instance: Instance, transition_name: str = "set_offline") -> str:
+    return reverse("admin:example_instance_transition", args=[instance.pk, transition_name])
+
+
+@pytest.mark.parametrize(
+    "perms",
+    [(), ("example.view_instance",), ("example.view_instance", "task_workflow.view_transitionrecord")],
+    ids=["no-permission", "view-only", "view-and-history"],
+)
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_the_transition_form_view_needs_change_permission(make_user, pages, transition_form, perms, method):
+    """set_offline has no ``permission=`` of its own: django-fsm-2's view checked only that,
+    so any staff user could open the form and apply it."""
+    client = client_for(make_user("watcher", perms=perms))
+    url = transition_url(pages.instance)
+
+    response = getattr(client, method)(url)
+
+    assert_untouched(pages)
+    assert response.status_code == 403
+    assert pages.instance.name not in response.content.decode()
+
+
+def test_staff_who_may_change_instances_use_the_transition_form(make_user, pages, transition_form):
+    user = make_user("engineer", perms=("example.view_instance", "example.change_instance"))
+    client = client_for(user, enforce_csrf_checks=True)
+    url = change_url(pages.instance)
+    data = form_data(page(client.get(url)).find("form", id_="instance_form"))
+
+    # The button of a transition with a form leads to its form view...
+    pressed = client.post(url, {**data, "_fsm_transition_to": "set_offline"})
+    assert pressed.status_code == 302
+    assert pressed["Location"] == transition_url(pages.instance)
+    assert Instance.objects.get(pk=pages.instance.pk).state == States.STOPPING
+    shown = client.get(pressed["Location"])
+    assert shown.status_code == 200
+    [form] = [f for f in page(shown).find_all("form") if f.find_all("input", value="Apply")]
+
+    # ...which applies it.
+    applied = client.post(pressed["Location"], form_data(form))
+
+    assert applied.status_code == 302
+    assert applied["Location"] == url
+    assert Instance.objects.get(pk=pages.instance.pk).state == States.OFFLINE
+    assert [(r.transition, r.user) for r in history(pages.instance)][-1] == ("set_offline", user)
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_the_transition_form_view_of_a_transition_hidden_from_the_admin_is_403(
+    admin_client, pages, transition_form, monkeypatch, method
+):
+    """``is_fsm_transition_visible`` (django-fsm's ``custom={"admin": False}``) hides the
+    button; the form view refuses it too."""
+    monkeypatch.setattr(django_admin.site._registry[Instance], "is_fsm_transition_visible", lambda t: False)
+    response = getattr(admin_client, method)(transition_url(pages.instance))
+    assert_untouched(pages)
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize("transition_name", ["no_such_transition", "save", "state"])
+def test_the_transition_form_view_of_something_that_is_no_transition_is_404(
+    admin_client, pages, transition_form, transition_name
+):
+    response = admin_client.get(transition_url(pages.instance, transition_name))
+    assert response.status_code == 404
+    assert_untouched(pages)
 
 
 # --- Transition history ----------------------------------------------------------------------
@@ -1039,6 +1218,71 @@ def test_history_content_type_filter_offers_only_models_with_history(admin_clien
         str(ContentType.objects.get_for_model(Instance)),
         str(ContentType.objects.get_for_model(Volume)),
     }, offered
+
+
+HISTORY_VIEWERS = {
+    # user's model permission -> the transitions of the records the user sees
+    "none": ((), set()),
+    "view-instance": (("example.view_instance",), {"begin_stopping", "set_offline"}),
+    "change-instance": (("example.change_instance",), {"begin_stopping", "set_offline"}),
+    "view-volume": (("testapp.view_volume",), {"begin_creating"}),
+    "both": (
+        ("example.view_instance", "testapp.change_volume"),
+        {"begin_stopping", "set_offline", "begin_creating"},
+    ),
+}
+
+
+@pytest.mark.parametrize(("perms", "expected"), list(HISTORY_VIEWERS.values()), ids=list(HISTORY_VIEWERS))
+def test_history_lists_only_records_of_models_the_user_may_view(make_user, recorded, perms, expected):
+    """The history holds every model's error texts: a user sees the records of the models
+    it may view (or change), everywhere the list shows them."""
+    volume_type = ContentType.objects.get_for_model(Volume)
+    TransitionRecord.objects.filter(pk=recorded.pks["begin_creating"]).update(
+        error_message="QuotaError: tenant-secret-42 is over quota"
+    )
+    client = client_for(make_user("auditor", perms=("task_workflow.view_transitionrecord", *perms)))
+
+    assert listed(client) == expected
+    html = client.get(HISTORY_URL).content.decode()
+    assert ("tenant-secret-42" in html) == ("begin_creating" in expected)
+    # Search, the content type filter and the sidebar keep to the same rows.
+    assert listed(client, q=str(recorded.volume.uuid)) == expected & {"begin_creating"}
+    response = client.get(HISTORY_URL)
+    specs = [s for s in response.context["cl"].filter_specs if s.field_path == "content_type"]
+    offered = {label for spec in specs for _, label in spec.lookup_choices}  # none for < 2 choices
+    assert (str(volume_type) in offered) == ("begin_creating" in expected and len(expected) == 3)
+    # The record's own page.
+    detail = client.get(
+        reverse("admin:task_workflow_transitionrecord_change", args=[recorded.pks["begin_creating"]])
+    )
+    if "begin_creating" in expected:
+        assert detail.status_code == 200
+        assert "tenant-secret-42" in detail.content.decode()
+    else:
+        assert detail.status_code == 302  # "... doesn't exist. Perhaps it was deleted?"
+        assert detail["Location"] == reverse("admin:index")
+
+
+def test_superusers_see_every_record(admin_client, recorded):
+    assert listed(admin_client) == {"begin_stopping", "set_offline", "begin_creating"}
+
+
+def test_the_history_inline_shows_the_entity_only_to_those_who_may_see_it(make_user, pages):
+    """The inline is on the entity's own page (view permission on the entity needed) and
+    lists that entity's records only; without the history permission it is not there."""
+    url = pages.urls["instance"]
+    other = Instance.objects.create(name="vm-other", state=States.ONLINE)
+    apply_transition(Instance, other.uuid, "begin_stopping")
+    auditor = client_for(
+        make_user("auditor", perms=("example.view_instance", "task_workflow.view_transitionrecord"))
+    )
+    rows = inline_history(auditor.get(url))
+    assert [row["transition"] for row in rows] == ["begin_stopping"]
+    viewer = client_for(make_user("viewer", perms=("example.view_instance",)))
+    assert inline_history(viewer.get(url)) == []
+    stranger = client_for(make_user("stranger", perms=("task_workflow.view_transitionrecord",)))
+    assert stranger.get(url).status_code == 403
 
 
 # --- The change page of a StateMixin model ---------------------------------------------------

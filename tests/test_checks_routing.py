@@ -8,12 +8,15 @@ import pytest
 from celery import Celery, shared_task
 from celery.exceptions import CDeprecationWarning
 from django.conf import settings
+from django.core.cache import caches
 from django.core.checks import Error, Tags, Warning, run_checks
+from django.db import OperationalError, connections
 from django.test import override_settings
 
 from example_project.celery import app as example_app
 from task_workflow.checks import check_lock_cache, check_settings
 from task_workflow.routing import install_heavy_task_router, route_heavy_tasks
+from task_workflow.throttle import DatabaseCacheThrottleBackend
 
 DATABASE_CACHE = {
     "BACKEND": "django.core.cache.backends.db.DatabaseCache",
@@ -21,6 +24,18 @@ DATABASE_CACHE = {
     "OPTIONS": {"MAX_ENTRIES": 1_000_000},
 }
 REDIS_CACHE = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:6379/15"}
+
+
+INF, NAN = float("inf"), float("nan")
+#: The settings that are seconds (all must be finite).
+SECONDS_KEYS = [
+    "LOCK_TTL",
+    "THROTTLE_WAIT",
+    "THROTTLE_RETRY_BACKOFF",
+    "THROTTLE_RETRY_BACKOFF_MAX",
+    "THROTTLE_SOCKET_TIMEOUT",
+    "THROTTLE_RESTART_GRACE",
+]
 
 
 def task_workflow_messages(**overrides):
@@ -51,16 +66,242 @@ def test_culling_database_cache_warns(max_entries):
     assert "MAX_ENTRIES" in message.msg
 
 
-@pytest.mark.parametrize(
-    "backend",
-    ["django.core.cache.backends.locmem.LocMemCache", "django.core.cache.backends.dummy.DummyCache"],
-)
-def test_per_process_cache_for_slots_is_a_warning(backend):
+def test_per_process_cache_for_slots_is_a_warning():
+    backend = "django.core.cache.backends.locmem.LocMemCache"
     messages = task_workflow_messages(**with_lock_cache({"BACKEND": backend}))
 
     assert [(type(m), m.id) for m in messages] == [(Warning, "task_workflow.W001")]
     assert "'locks'" in messages[0].msg
-    assert backend.rsplit(".", 1)[1] in messages[0].msg
+    assert "LocMemCache" in messages[0].msg
+
+
+def test_dummy_cache_for_slots_is_an_error():
+    """DummyCache stores nothing: every acquire succeeds, so no limit holds at all."""
+    messages = task_workflow_messages(
+        **with_lock_cache({"BACKEND": "django.core.cache.backends.dummy.DummyCache"})
+    )
+
+    assert [(type(m), m.id) for m in messages] == [(Error, "task_workflow.E007")]
+    assert "'locks'" in messages[0].msg
+    assert "DummyCache" in messages[0].msg
+    assert "no limit" in messages[0].msg
+    assert "django-redis" in messages[0].hint
+
+
+def test_file_based_cache_for_slots_is_an_error(tmp_path):
+    """FileBasedCache.add is a has_key() then a set(): two workers can both take a slot."""
+    config = {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(tmp_path),
+        "OPTIONS": {"MAX_ENTRIES": 1_000_000},
+    }
+    messages = task_workflow_messages(**with_lock_cache(config))
+
+    assert [(type(m), m.id) for m in messages] == [(Error, "task_workflow.E005")]
+    assert "FileBasedCache" in messages[0].msg
+    assert "not atomic" in messages[0].msg
+
+
+MEMCACHED = {
+    "pymemcache": "django.core.cache.backends.memcached.PyMemcacheCache",
+    "pylibmc": "django.core.cache.backends.memcached.PyLibMCCache",
+}
+
+
+@pytest.mark.parametrize("backend", list(MEMCACHED.values()), ids=list(MEMCACHED))
+@pytest.mark.parametrize("ttl", [0.5, 0.999, 1.5, 59.9])
+def test_memcached_lock_cache_needs_whole_second_lock_ttl(backend, ttl):
+    """Memcached keeps whole seconds: Django sends int(ttl), and int(ttl) == 0 as "expire
+    at once", so a fractional LOCK_TTL is cut short and one below 1 s holds nothing."""
+    overrides = with_lock_cache({"BACKEND": backend, "LOCATION": "127.0.0.1:11211"})
+    overrides["TASK_WORKFLOW"] = {**overrides["TASK_WORKFLOW"], "LOCK_TTL": ttl}
+
+    messages = task_workflow_messages(**overrides)
+
+    assert [(type(m), m.id) for m in messages] == [(Error, "task_workflow.E004")]
+    assert f"LOCK_TTL'] = {ttl!r}" in messages[0].msg
+    assert "whole seconds" in messages[0].msg
+    assert "a whole number of seconds >= 1" in messages[0].hint
+
+
+@pytest.mark.parametrize("backend", list(MEMCACHED.values()), ids=list(MEMCACHED))
+@pytest.mark.parametrize("ttl", [None, 1, 2, 60, 60.0])
+def test_memcached_lock_cache_with_whole_second_lock_ttl_passes(backend, ttl):
+    overrides = with_lock_cache({"BACKEND": backend, "LOCATION": "127.0.0.1:11211"})
+    if ttl is not None:
+        overrides["TASK_WORKFLOW"] = {**overrides["TASK_WORKFLOW"], "LOCK_TTL": ttl}
+    assert task_workflow_messages(**overrides) == []
+
+
+def test_memcached_check_leaves_a_bad_lock_ttl_to_e003():
+    overrides = with_lock_cache({"BACKEND": MEMCACHED["pymemcache"], "LOCATION": "127.0.0.1:11211"})
+    overrides["TASK_WORKFLOW"] = {**overrides["TASK_WORKFLOW"], "LOCK_TTL": -1}
+    assert [m.id for m in task_workflow_messages(**overrides)] == ["task_workflow.E003"]
+
+
+@pytest.mark.parametrize("option", ["SOCKET_TIMEOUT", "CONNECTION_POOL_KWARGS"])
+@pytest.mark.parametrize("timeout", [0.1, 0.5, 1])
+def test_short_socket_timeout_on_django_redis_is_a_warning(option, timeout):
+    """The throttle's own connections take the cache's socket timeout when it is the
+    shorter one, and cap each BLPOP at half of it: waiters then poll Redis at that rate."""
+    options = (
+        {"SOCKET_TIMEOUT": timeout} if option == "SOCKET_TIMEOUT" else {option: {"socket_timeout": timeout}}
+    )
+    messages = task_workflow_messages(**with_lock_cache({**REDIS_CACHE, "OPTIONS": options}))
+
+    assert [(type(m), m.id) for m in messages] == [(Warning, "task_workflow.W004")]
+    assert f"socket timeout of {timeout!r}s" in messages[0].msg
+    assert f"every {timeout / 2:g}s" in messages[0].msg
+    expected = (
+        "['SOCKET_TIMEOUT']" if option == "SOCKET_TIMEOUT" else "['CONNECTION_POOL_KWARGS']['socket_timeout']"
+    )
+    assert f"Set OPTIONS{expected} of the lock cache to at least 2" in messages[0].hint
+
+
+def test_short_socket_timeout_on_django_builtin_redis_is_a_warning():
+    config = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:6379/15",
+        "OPTIONS": {"socket_timeout": 0.4},
+    }
+    messages = task_workflow_messages(**with_lock_cache(config))
+    assert [m.id for m in messages] == ["task_workflow.W004"]
+    assert "Set OPTIONS['socket_timeout'] of the lock cache" in messages[0].hint
+
+
+def test_socket_timeout_warning_names_the_timeout_the_throttle_uses():
+    """The throttle's connections take the shorter of the two timeouts."""
+    overrides = with_lock_cache({**REDIS_CACHE, "OPTIONS": {"SOCKET_TIMEOUT": 1}})
+    overrides["TASK_WORKFLOW"] = {**overrides["TASK_WORKFLOW"], "THROTTLE_SOCKET_TIMEOUT": 0.2}
+    [message] = task_workflow_messages(**overrides)
+    assert message.id == "task_workflow.W004"
+    assert "time out after 0.2s" in message.msg
+    assert "every 0.1s" in message.msg
+
+
+@pytest.mark.parametrize("timeout", [None, 0, 1.5, 5])
+def test_socket_timeout_above_one_second_passes(timeout):
+    """0 (and None) mean no socket timeout to django-redis; THROTTLE_SOCKET_TIMEOUT then
+    bounds the throttle's own calls."""
+    options = {} if timeout is None else {"SOCKET_TIMEOUT": timeout}
+    assert task_workflow_messages(**with_lock_cache({**REDIS_CACHE, "OPTIONS": options})) == []
+
+
+@pytest.mark.parametrize("value", ["lots", None, "", [1], float("inf"), float("nan")])
+@pytest.mark.parametrize(
+    "backend",
+    ["django.core.cache.backends.db.DatabaseCache", "django.core.cache.backends.filebased.FileBasedCache"],
+    ids=["database", "file"],
+)
+def test_max_entries_that_is_not_a_number_is_an_error_not_a_crash(backend, value, tmp_path):
+    """Django's cache reads int(MAX_ENTRIES) and silently falls back to 300 when it cannot
+    (or crashes on inf): reported, where the check used to raise."""
+    location = str(tmp_path) if "filebased" in backend else "tw_checks_unused"
+    config = {"BACKEND": backend, "LOCATION": location, "OPTIONS": {"MAX_ENTRIES": value}}
+
+    messages = task_workflow_messages(**with_lock_cache(config))
+
+    ids = [m.id for m in messages]
+    assert "task_workflow.E008" in ids, ids
+    [message] = [m for m in messages if m.id == "task_workflow.E008"]
+    assert isinstance(message, Error)
+    assert f"OPTIONS['MAX_ENTRIES'] = {value!r}" in message.msg
+    assert "MAX_ENTRIES': 1_000_000" in message.hint
+    assert "task_workflow.W003" not in ids  # E008 says it already
+
+
+@pytest.mark.parametrize("value", ["1000000", 1e6, 2_000_000])
+def test_max_entries_django_can_read_as_an_int_passes(value):
+    config = {**DATABASE_CACHE, "OPTIONS": {"MAX_ENTRIES": value}}
+    assert task_workflow_messages(**with_lock_cache(config)) == []
+
+
+def test_options_that_are_not_a_dict_do_not_crash_the_check():
+    assert task_workflow_messages(**with_lock_cache({**REDIS_CACHE, "OPTIONS": None})) == []
+
+
+# --- Checks: DatabaseCache on a database whose add is not atomic --------------------------
+
+MARIADB = {
+    "ENGINE": "django.db.backends.mysql",
+    "NAME": "test",
+    "USER": "root",
+    "PASSWORD": "",
+    "HOST": "127.0.0.1",
+    "PORT": "3306",
+}
+
+
+class CacheTableOnMariaDB:
+    """A database router that puts Django's cache table on the ``mariadb`` alias."""
+
+    def db_for_read(self, model, **hints):
+        return "mariadb" if model._meta.app_label == "django_cache" else None
+
+    db_for_write = db_for_read
+
+
+@pytest.fixture
+def mysql_driver():
+    """MySQLdb: mysqlclient if installed, else PyMySQL standing in for it."""
+    try:
+        import MySQLdb  # noqa: F401
+    except ImportError:
+        pymysql = pytest.importorskip("pymysql", reason="needs mysqlclient or PyMySQL (the dev extra)")
+        pymysql.install_as_MySQLdb()
+
+
+@pytest.mark.services
+def test_database_cache_on_mariadb_is_an_error(mysql_driver, django_db_blocker):
+    """Django's DatabaseCache.add over an expired row is a SELECT then an UPDATE: on a
+    database the throttle's own DatabaseCache backend does not support (MySQL/MariaDB,
+    Oracle) two workers can both take the slot.
+
+    The local MariaDB is added as the alias ``mariadb`` (to the connection handler: it
+    read DATABASES once), and a router puts the cache table there.
+    """
+    original = connections.settings
+    connections.settings = connections.configure_settings({**original, "mariadb": dict(MARIADB)})
+    try:
+        with django_db_blocker.unblock():  # supports() may ask the server what it is
+            overrides = {**with_lock_cache(DATABASE_CACHE), "DATABASE_ROUTERS": [CacheTableOnMariaDB()]}
+            messages = task_workflow_messages(**overrides)
+            with override_settings(**overrides):
+                supported = DatabaseCacheThrottleBackend.supports(caches["locks"])
+                vendor = connections["mariadb"].vendor
+                is_mariadb = connections["mariadb"].mysql_is_mariadb  # asks the server
+    finally:
+        connections["mariadb"].close()
+        del connections["mariadb"]
+        connections.settings = original
+
+    assert (vendor, is_mariadb) == ("mysql", True)
+    if supported:  # the throttle's DatabaseCache backend was extended to it: nothing to report
+        assert messages == []
+        return
+    assert [(type(m), m.id) for m in messages] == [(Error, "task_workflow.E006")]
+    assert "'locks'" in messages[0].msg
+    assert "'mariadb'" in messages[0].msg
+    assert "mysql" in messages[0].msg
+    assert "not atomic" in messages[0].msg
+    assert "django-redis" in messages[0].hint
+
+
+def test_database_cache_on_a_supported_database_passes():
+    """PostgreSQL on the main run, SQLite on the SQLite run."""
+    assert task_workflow_messages(**with_lock_cache(DATABASE_CACHE)) == []
+
+
+def test_a_database_cache_that_cannot_be_inspected_is_a_warning_not_a_crash(monkeypatch):
+    def unreachable(cache):
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(DatabaseCacheThrottleBackend, "supports", unreachable)
+
+    messages = task_workflow_messages(**with_lock_cache(DATABASE_CACHE))
+
+    assert [(type(m), m.id) for m in messages] == [(Warning, "task_workflow.W005")]
+    assert "could not connect to server" in messages[0].msg
 
 
 def test_per_process_default_cache_is_a_warning_without_task_workflow_settings():
@@ -115,7 +356,10 @@ def test_valid_configuration_has_no_messages():
         "THROTTLE_WAIT": None,
         "THROTTLE_RETRY_BACKOFF": 0.5,
         "THROTTLE_RETRY_BACKOFF_MAX": 60,
+        "THROTTLE_SOCKET_TIMEOUT": 2.5,
+        "THROTTLE_RESTART_GRACE": 120,
         "HEAVY_QUEUE": "bulk",
+        "TRANSITION_HISTORY": False,
     }
     assert task_workflow_messages(**{**with_lock_cache(REDIS_CACHE), "TASK_WORKFLOW": full}) == []
     assert task_workflow_messages(**{**with_lock_cache(REDIS_CACHE), "TASK_WORKFLOW": {}}) == []
@@ -149,6 +393,10 @@ def test_unknown_key_is_an_error_naming_it():
         ("THROTTLE_WAIT", "5"),
         ("THROTTLE_RETRY_BACKOFF", 0),
         ("THROTTLE_RETRY_BACKOFF_MAX", -1),
+        ("THROTTLE_SOCKET_TIMEOUT", 0),
+        ("THROTTLE_RESTART_GRACE", -1),
+        *[(key, value) for key in SECONDS_KEYS for value in (INF, -INF, NAN)],
+        pytest.param("LOCK_TTL", 10**400, id="LOCK_TTL-10**400"),  # too large for a float
     ],
 )
 def test_bad_value_is_an_error_naming_the_key(key, value):
@@ -160,6 +408,21 @@ def test_bad_value_is_an_error_naming_the_key(key, value):
     assert [(type(m), m.id) for m in messages] == [(Error, "task_workflow.E003")]
     assert f"TASK_WORKFLOW[{key!r}]" in messages[0].msg
     assert repr(value) in messages[0].msg
+
+
+@pytest.mark.parametrize("key", SECONDS_KEYS)
+@pytest.mark.parametrize("value", [INF, NAN], ids=["inf", "nan"])
+def test_infinite_or_nan_seconds_say_what_to_use_instead(key, value):
+    """inf/NaN passed `value >= minimum` or made every acquire count as "unreachable"."""
+    overrides = with_lock_cache(REDIS_CACHE)
+    overrides["TASK_WORKFLOW"] = {**overrides["TASK_WORKFLOW"], key: value}
+
+    [message] = task_workflow_messages(**overrides)
+
+    assert message.id == "task_workflow.E003"
+    assert "finite" in message.msg
+    if key in ("THROTTLE_WAIT", "THROTTLE_RESTART_GRACE"):
+        assert "None" in message.msg  # the way to say "no limit" / "LOCK_TTL"
 
 
 def test_task_workflow_that_is_not_a_dict_is_an_error():

@@ -7,8 +7,9 @@ its rows (``transaction=True``). Waits are Celery events and Playwright's auto-w
 assertions, never sleeps.
 
 Screenshots go to ``test-artifacts/`` (throttle-locks.png, release-confirm.png,
-instance-history.png). With ``TW_DOCS_SCREENSHOTS=1`` the locks page and the instance
-history are also written to ``docs/`` for the README.
+instance-history.png, transition-form.png, transition-form-refused.png). With
+``TW_DOCS_SCREENSHOTS=1`` the locks page and the instance history are also written to
+``docs/`` for the README.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django import forms
+from django.contrib import admin
+from django.contrib.auth.models import Permission
 from django.db import connections
 from django.urls import reverse
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from example_project.models import Instance
 from example_project.tasks import stop_instance
+from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle
 from task_workflow.throttle import HeldSlot, get_backend
 from tests.testapp.tasks import hold_slot
@@ -116,14 +121,26 @@ def fresh_worker(example_worker) -> WorkerProcess:
     return example_worker.start()
 
 
-def log_in(page: Page, user) -> None:
+def log_in(page: Page, user, *, sees_locks: bool = True) -> None:
     """Through the admin's login form, as a person would."""
     page.goto(f"{reverse('admin:login')}?next={reverse('admin:index')}")
     page.get_by_label("Username:").fill(user.get_username())
     page.get_by_label("Password:").fill(PASSWORD)
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("#user-tools")).to_contain_text(f"Welcome, {user.get_username()}")
-    expect(page.locator("div.app-task_workflow")).to_contain_text("Throttle locks")
+    if sees_locks:
+        expect(page.locator("div.app-task_workflow")).to_contain_text("Throttle locks")
+
+
+def staff_user(django_user_model, username: str, *perms: str):
+    """A staff user (not a superuser) with just these ``app_label.codename`` permissions."""
+    user = django_user_model.objects.create_user(username, password=PASSWORD, is_staff=True)
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    return user
 
 
 def wait_for_slot(task_id: str, timeout: float = TIMEOUT) -> HeldSlot:
@@ -218,3 +235,62 @@ def test_instance_history_after_the_stop_chain_in_the_browser(page, superuser, f
     expect(page.get_by_role("button", name="begin_starting")).to_be_visible()
     expect(page.get_by_role("button", name="set_erred")).to_be_visible()
     screenshot(page, "instance-history.png", "admin-instance-history.png")
+
+
+class ConfirmSetOffline(forms.Form):
+    """A transition form without fields: the form view only asks to confirm."""
+
+
+def test_transition_form_needs_change_permission_in_the_browser(
+    browser, page, live_server, django_user_model, monkeypatch
+):
+    """The example's admin asks for a form before set_offline (django-fsm-2's ``fsm_forms``).
+    A staff user who may only view instances sees no button, is refused the form page by
+    URL (403) and a POST to it (403): the instance stays where it is. An engineer who may
+    change instances presses the button, gets the form, applies it."""
+    monkeypatch.setattr(admin.site._registry[Instance], "fsm_forms", {"set_offline": ConfirmSetOffline})
+    instance = Instance.objects.create(name="web-2", backend_id="i-2", state=Instance.States.STOPPING)
+    change = reverse("admin:example_instance_change", args=[instance.pk])
+    form_url = reverse("admin:example_instance_transition", args=[instance.pk, "set_offline"])
+
+    watcher = staff_user(django_user_model, "watcher", "example.view_instance")
+    log_in(page, watcher, sees_locks=False)
+    page.goto(change)
+    expect(page.locator(".field-state_badge .tw-state")).to_have_text("stopping")
+    expect(page.locator('button[name="_fsm_transition_to"]')).to_have_count(0)
+    response = page.goto(form_url)
+    assert response is not None
+    assert response.status == 403
+    expect(page.locator("body")).to_contain_text("403 Forbidden")
+    expect(page.locator("body")).not_to_contain_text("Apply")
+    screenshot(page, "transition-form-refused.png")
+    # A POST with the session's CSRF token, as a hand-made form would send it.
+    [csrf] = [c["value"] for c in page.context.cookies() if c["name"] == "csrftoken"]
+    posted = page.request.post(
+        f"{live_server.url}{form_url}",
+        form={"csrfmiddlewaretoken": csrf},
+        headers={"Referer": live_server.url},
+    )
+    assert posted.status == 403
+    assert Instance.objects.get(pk=instance.pk).state == Instance.States.STOPPING
+    assert not TransitionRecord.objects.exists()
+
+    engineer = staff_user(django_user_model, "engineer", "example.view_instance", "example.change_instance")
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1440, "height": 900})
+    context.set_default_timeout(15_000)
+    try:
+        other = context.new_page()
+        log_in(other, engineer, sees_locks=False)
+        other.goto(change)
+        other.get_by_role("button", name="set_offline").click()
+        expect(other).to_have_url(f"{live_server.url}{form_url}")
+        expect(other.locator("#content h1")).to_have_text("set_offline")
+        screenshot(other, "transition-form.png")
+        other.get_by_role("button", name="Apply").click()
+        expect(other).to_have_url(f"{live_server.url}{change}")
+        expect(other.locator("ul.messagelist li.success")).to_have_text("Transition 'set_offline' applied.")
+        expect(other.locator(".field-state_badge .tw-state")).to_have_text("offline")
+    finally:
+        context.close()
+    [record] = TransitionRecord.objects.all()
+    assert (record.transition, record.user) == ("set_offline", engineer)
