@@ -283,6 +283,8 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         self.ttl = ttl
         self.cache = cache
         self._local = threading.local()
+        #: Slot groups by name (the running task's name unless ``name`` is given).
+        self._groups: dict[str, SlotGroup] = {}
 
     def __repr__(self) -> str:
         return f"throttle(key={self.key!r}, concurrency={self.concurrency}, name={self.name!r})"
@@ -337,7 +339,10 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         raise ``ThrottleTimeout`` / ``ThrottleUnavailable``.
         """
         task = running_task()
-        group = SlotGroup(self._group_name(task), self.key)
+        group_name = self._group_name(task)
+        group = self._groups.get(group_name)
+        if group is None:  # kept: its digest (a SHA-256) is computed once per group
+            group = self._groups[group_name] = SlotGroup(group_name, self.key)
         ttl = float(get_setting("LOCK_TTL") if isinstance(self.ttl, _FromSettings) else self.ttl)
         wait = get_setting("THROTTLE_WAIT") if isinstance(self.wait, _FromSettings) else self.wait
         backend = get_backend(self.cache)
