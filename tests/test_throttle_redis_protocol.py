@@ -467,3 +467,53 @@ def test_outside_a_task_a_full_group_times_out():
     name = unique_name()
     with throttle(name=name, ttl=30), pytest.raises(ThrottleTimeout):
         throttle(name=name, ttl=30, wait=0.05).acquire()
+
+
+# --- The backend's own connections ------------------------------------------------------------
+
+
+def test_calls_reuse_idle_connections_and_drop_one_whose_call_failed(backend):
+    group = SlotGroup(unique_name())
+    for n in range(50):
+        assert backend.acquire(group, f"t{n}", 1, 30.0, meta(group)).acquired
+        assert backend.release(group, f"t{n}")
+    assert len(backend._idle) == 1
+
+    def calls_in_parallel() -> None:
+        for n in range(20):
+            token = f"{threading.get_ident()}-{n}"
+            backend.acquire(group, token, 8, 30.0, meta(group))
+            backend.release(group, token)
+
+    threads = [threading.Thread(target=calls_in_parallel) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert 1 <= len(backend._idle) <= 4
+
+    broken = backend._idle[-1]
+    broken.disconnect()
+    broken._sock = FailingSocket()  # the next call on it fails midway
+    before = len(backend._idle)
+    with pytest.raises(redis.exceptions.ConnectionError):
+        backend.acquire(group, "unlucky", 1, 30.0, meta(group))
+    assert broken not in backend._idle
+    assert len(backend._idle) == before - 1
+    assert backend.acquire(group, "next", 1, 30.0, meta(group)).acquired  # on a good connection
+
+
+class FailingSocket:
+    """Stands in for a connection's socket that the network broke."""
+
+    def sendall(self, data: bytes) -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -338,7 +337,8 @@ class RedisThrottleBackend(ThrottleBackend):
         self._renew = register(RENEW_SCRIPT)
         self._cancel_wait = register(CANCEL_WAIT_SCRIPT)
         self._key_cache: dict[SlotGroup, list[bytes]] = {}
-        self._local = threading.local()
+        self._idle: list[Connection] = []
+        self._pid = os.getpid()
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = self.MAX_BLOCK if not timeout else min(self.MAX_BLOCK, timeout / 2)
 
@@ -363,13 +363,14 @@ class RedisThrottleBackend(ThrottleBackend):
         return f"{self._base_key(group)}:wake:{token}".encode()
 
     def _run(self, script: Script, keys: list[bytes], *args: bytes) -> Any:
-        """``EVALSHA`` of ``script`` on this thread's own connection, packed by hand.
+        """``EVALSHA`` of ``script`` on an idle connection of the backend's own, packed by
+        hand.
 
         The throttle's calls are few and fixed in shape, so they skip redis-py's generic
-        command path (pool checkout, health checks, argument encoding, reply callbacks):
-        about half of a call's client-side cost. A connection whose call failed midway
-        (timeout, lost server, an exception raised into this thread) is dropped, since a
-        reply may still be on its way; a script the server forgot is loaded again.
+        command path (pool checkout with its health check, argument encoding, reply
+        callbacks): about half of a call's client-side cost. A connection whose call failed
+        midway (timeout, lost server, an exception raised into this thread) is dropped,
+        since a reply may still be on its way; a script the server forgot is loaded again.
         """
         packed = b"".join(
             [
@@ -381,24 +382,35 @@ class RedisThrottleBackend(ThrottleBackend):
         connection = self._connection()
         try:
             connection.send_packed_command([packed], check_health=False)
-            return connection.read_response()
+            reply = connection.read_response()
         except NoScriptError:
+            self._idle.append(connection)
             script.sha = self.client.script_load(script.script)
             return self._run(script, keys, *args)
         except ResponseError:
+            self._idle.append(connection)
             raise
         except BaseException:
             connection.disconnect()
             raise
+        self._idle.append(connection)
+        return reply
 
     def _connection(self) -> Connection:
-        """This thread's connection of the throttle client's pool (a new one after fork)."""
-        local = self._local
-        connection: Connection | None = getattr(local, "connection", None)
-        if connection is None or local.pid != os.getpid():
-            connection = self.client.connection_pool.get_connection()
-            local.connection, local.pid = connection, os.getpid()
-        return connection
+        """An idle connection, or a new one with the throttle client's settings.
+
+        A list of idle connections rather than redis-py's pool: ``pop`` and ``append`` are
+        atomic, so threads and greenlets alike each take their own; it grows to the most
+        calls ever in flight at once. After ``fork`` the parent's connections are left
+        alone (redis-py closes none of another process's sockets).
+        """
+        if self._pid != os.getpid():
+            self._idle, self._pid = [], os.getpid()
+        try:
+            return self._idle.pop()
+        except IndexError:
+            pool = self.client.connection_pool
+            return cast(Connection, pool.connection_class(**pool.connection_kwargs))
 
     def acquire(
         self,
