@@ -491,6 +491,9 @@ class RedisServer:
     port: int
     name: str = "throttle"
     start_timeout: float = 10.0
+    #: Keep every write in an append-only file (``appendfsync always``) in a directory of
+    #: its own, so a restart loses nothing (a broker's queued and unacknowledged messages).
+    persistent: bool = False
     process: subprocess.Popen[bytes] | None = field(init=False, default=None)
     log_path: Path = field(init=False)
 
@@ -522,10 +525,15 @@ class RedisServer:
         import redis
 
         ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+        if self.persistent:
+            data_dir = ARTIFACTS_DIR / f"redis-{self.name}-{self.port}-data"
+            data_dir.mkdir(exist_ok=True)
+            storage = ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(data_dir)]
+        else:
+            storage = ["--appendonly", "no", "--dir", str(ARTIFACTS_DIR)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(ARTIFACTS_DIR)],
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *storage],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout

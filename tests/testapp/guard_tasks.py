@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 from celery import shared_task
 from django_fsm.signals import post_transition
 
-from task_workflow.tasks import transition
+from task_workflow.tasks import throttle, transition
 
 from .models import BodyRun, Volume
 
@@ -99,3 +100,30 @@ def update_then_fail(volume_uuid: str, fail: bool = True, transition_entity=None
     if fail:
         raise TransientBackendError("the backend said no")
     return str(transition_entity.state)
+
+
+# -- Redis (broker and slot store) down mid-body ------------------------------------------------
+
+
+def _wait_for_row(task_name: str, timeout: float = 60.0) -> None:
+    """Poll the database (which stays up) for a row the test writes."""
+    deadline = time.monotonic() + timeout
+    while not BodyRun.objects.filter(task=task_name).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {task_name!r} row within {timeout}s")
+        time.sleep(0.01)
+
+
+@shared_task(
+    name="tests.guard.update_through_an_outage", bind=True, acks_late=True, reject_on_worker_lost=True
+)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_through_an_outage(self: Any, volume_uuid: str, transition_entity=None) -> int:
+    """On its first run, tells the test it is inside the body, waits until the test has
+    stopped Redis, then enters a throttled block (its slot store is that Redis)."""
+    runs = _runs(self.name, transition_entity)
+    if runs == 1:
+        BodyRun.objects.create(task=f"inside:{volume_uuid}", entity_uuid=volume_uuid, state_seen="")
+        _wait_for_row(f"go:{volume_uuid}")
+    with throttle(key=volume_uuid, ttl=10):
+        return runs
