@@ -139,6 +139,34 @@ def test_group_keys_outlive_every_lease_of_a_mixed_ttl_group(backend, client):
     assert client.pttl(meta_key) / 1000 >= longest
 
 
+class ShortClaims(RedisThrottleBackend):
+    CLAIM_MS = 300
+
+
+def test_a_lapsed_lease_is_not_counted_against_a_waiter_whose_turn_it_is(client):
+    """Found by the stateful property test: 3 slots; C holds, D was handed a slot and died
+    before using it (its claim lapsed), E and F wait, F behind E. F's attempt finds one
+    live holder and one waiter ahead: a slot is free for it. The first version of the line
+    swept expired leases only when the group held ``concurrency`` entries, so D's lapsed
+    claim still counted and F was refused."""
+    backend = ShortClaims(client, f"tw-test:{uuid.uuid4().hex}:", restart_grace=0)
+    group = SlotGroup(unique_name())
+    try:
+        assert backend.acquire(group, "A", 3, 0.2, meta(group)).acquired
+        for token in ("B", "C"):
+            assert backend.acquire(group, token, 3, 60.0, meta(group)).acquired
+        for token in ("D", "E"):
+            assert not backend.acquire(group, token, 3, 60.0, meta(group)).acquired
+        wait_for(lambda: deadlines(backend, group)["A"] <= 0)
+        assert backend.release(group, "B")  # handed to D, who never wakes up
+        assert not backend.acquire(group, "F", 3, 60.0, meta(group)).acquired  # behind E
+        wait_for(lambda: deadlines(backend, group)["D"] <= 0, message="D's claim never lapsed")
+        assert backend.acquire(group, "F", 3, 60.0, meta(group)).acquired
+        assert backend.waiting(group) == ["E"]
+    finally:
+        client.delete(*backend._keys(group))
+
+
 # --- FIFO by first arrival --------------------------------------------------------------
 
 

@@ -133,21 +133,22 @@ if own and tonumber(own) > now then
   leave_line(ARGV[1])
   return fence_of(redis.call('HGET', KEYS[2], ARGV[1]))
 end
+-- Live waiters ahead of this caller (all of them for a newcomer) are served first.
+local ahead, place = 0, false
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  drop_dead_waiters()
+  place = redis.call('ZRANK', KEYS[3], ARGV[1])
+  ahead = place or redis.call('ZCARD', KEYS[3])
+end
 local count = redis.call('ZCARD', KEYS[1])
-if count >= limit then
+if count + ahead >= limit then
+  -- Looks full: drop expired leases (only then, to keep the common path short).
   local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
   if #expired > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
     redis.call('HDEL', KEYS[2], unpack(expired))
     count = count - #expired
   end
-end
--- Live waiters ahead of this caller (all of them for a newcomer) are served first.
-local ahead, place = 0, false
-if count < limit and redis.call('EXISTS', KEYS[3]) == 1 then
-  drop_dead_waiters()
-  place = redis.call('ZRANK', KEYS[3], ARGV[1])
-  ahead = place or redis.call('ZCARD', KEYS[3])
 end
 local fence = false
 if count + ahead < limit then
@@ -163,7 +164,7 @@ if fence then
   return fence
 end
 -- Refused: join the line at the back on the first refusal; stay in place after that.
-if not place and redis.call('ZSCORE', KEYS[3], ARGV[1]) == false then
+if not place then
   redis.call('ZADD', KEYS[3], int(next_number() or (now * 1000)), ARGV[1])
 end
 redis.call('ZADD', KEYS[4], now + {waiter_ms}, ARGV[1])
