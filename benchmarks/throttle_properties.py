@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,15 +97,19 @@ def run_one(backend: str, examples: int, steps: int, shrink: bool, seed: int | N
     options = {"phases": phases, "report_multiple_bugs": True}
     from tests.throttle_model import settings_for
 
-    failures: list[str] = []
+    found: list[BaseException] = []
     start = time.perf_counter()
     try:
         run_state_machine_as_test(machine, settings=settings_for(examples, steps, **options))
     except BaseExceptionGroup as group:
-        failures = [f"{type(exc).__name__}: {str(exc).splitlines()[0]}" for exc in group.exceptions]
+        found = list(group.exceptions)
     except Exception as exc:
-        failures = [f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"]
+        found = [exc]
     seconds = time.perf_counter() - start
+    for exc in found:  # with hypothesis' notes: the failing sequence of steps
+        print(f"=== {label}: failure", flush=True)
+        traceback.print_exception(exc, file=sys.stdout)
+    failures = [f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}" for exc in found]
     stats = ThrottleMachine.stats
     return {
         "backend": backend,
