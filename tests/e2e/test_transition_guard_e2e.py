@@ -13,6 +13,7 @@ import pytest
 from django.db import connection
 
 from task_workflow.models import TransitionRecord
+from task_workflow.tasks import TransitionOrigin, apply_transition, throttle
 from tests.testapp import guard_tasks
 from tests.testapp.models import BodyRun, Volume
 from tests.testapp.throttle_tasks import recorder
@@ -165,3 +166,37 @@ def test_connection_killed_during_the_error_transition_keeps_the_original_error(
     assert stored(volume) == (S.UPDATING, "")  # the error transition did not half-apply
     assert [name for name, _ in history(volume)] == ["begin_updating"]
     later_tasks_succeed(task_events)
+
+
+# -- ABA: a re-queued message after the entity left and came back to the same state ----------
+
+
+def test_a_requeued_message_is_refused_after_the_entity_came_back_to_its_state(task_events: TaskEvents):
+    """The message applies ``begin_updating`` and is re-queued by a busy slot; meanwhile
+    other tasks take the volume ``updating → erred → update_scheduled → updating``. The
+    same state name, another application: the old message must not run its body again
+    (the first version compared state names only, and did)."""
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
+    key = str(volume.uuid)
+    task = guard_tasks.update_then_throttled
+    holder = throttle(name=task.name, key=key, ttl=30).acquire()
+    try:
+        result = task.apply_async(args=(key,))
+        task_events.wait_for_id(result.id, ("task-retried",), timeout=TIMEOUT)
+        other = TransitionOrigin("tests.other_task", "other-task-id")
+        for name in ("set_erred", "schedule_updating", "begin_updating"):
+            apply_transition(Volume, volume.uuid, name, origin=other)
+    finally:
+        holder.release()
+
+    final = task_events.wait_for_id(result.id, timeout=TIMEOUT)
+    assert final["type"] == "task-failed", final
+    assert "come back to" in final["exception"], final
+    assert body_runs(task.name, volume) == 1
+    assert stored(volume) == (S.UPDATING, "")
+    assert [name for name, _ in history(volume)] == [
+        "begin_updating",
+        "set_erred",
+        "schedule_updating",
+        "begin_updating",
+    ]

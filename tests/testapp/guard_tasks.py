@@ -127,3 +127,16 @@ def update_through_an_outage(self: Any, volume_uuid: str, transition_entity=None
         _wait_for_row(f"go:{volume_uuid}")
     with throttle(key=volume_uuid, ttl=10):
         return runs
+
+
+# -- a re-queued message whose entity left and came back to the same state (ABA) -------------
+
+
+@shared_task(name="tests.guard.update_then_throttled", bind=True)
+@transition(Volume, "begin_updating", on_error="set_erred")
+def update_then_throttled(self: Any, volume_uuid: str, transition_entity=None) -> str:
+    """Applies begin_updating, then needs the volume's slot (``wait=0``): a busy slot
+    re-queues the message, whose headers say it applied the transition."""
+    _runs(self.name, transition_entity)
+    with throttle(key=volume_uuid, wait=0, ttl=30):
+        return "ran"
