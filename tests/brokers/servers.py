@@ -33,8 +33,23 @@ from tests.workers import ARTIFACTS_DIR, RedisServer, WorkerError, free_port, lo
 PROBE_INTERVAL = 0.05
 
 
+class Restartable:
+    """``restart`` for a broker server: stopped cleanly (``graceful``) or killed, down for
+    ``downtime`` seconds, started again on the same data; returns the seconds it took."""
+
+    def restart(self, downtime: float = 0.0, graceful: bool = False) -> float:
+        started = time.monotonic()
+        if graceful:
+            self.stop_cleanly()  # type: ignore[attr-defined]
+        else:
+            self.crash()  # type: ignore[attr-defined]
+        time.sleep(downtime)  # the outage itself (the scenario's parameter), not a wait for something
+        self.start()  # type: ignore[attr-defined]
+        return time.monotonic() - started
+
+
 @dataclass
-class BrokerRedis(RedisServer):
+class BrokerRedis(Restartable, RedisServer):
     """A ``redis-server`` used as a Celery broker, with persistence in ``data_dir``.
 
     ``appendfsync=None`` turns the append-only file off; ``save`` is the RDB snapshot
@@ -102,6 +117,9 @@ class BrokerRedis(RedisServer):
         """SIGKILL: the server writes nothing more (what is in the AOF file stays)."""
         self.kill()
 
+    def stop_cleanly(self) -> None:
+        self.shutdown()
+
     def shutdown(self) -> None:
         """A clean ``SHUTDOWN``: the AOF is flushed and fsynced, an RDB snapshot written
         if ``save`` is set."""
@@ -121,16 +139,6 @@ class BrokerRedis(RedisServer):
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.kill()
-
-    def restart(self, downtime: float = 0.0, graceful: bool = False) -> float:
-        started = time.monotonic()
-        if graceful:
-            self.shutdown()
-        else:
-            self.crash()
-        time.sleep(downtime)  # the outage itself (the scenario's parameter), not a wait for something
-        self.start()
-        return time.monotonic() - started
 
     def parked(self, db: int) -> int:
         """Messages a consumer received and never acknowledged, in database ``db`` (kombu's
@@ -164,7 +172,7 @@ def rabbitmq_available() -> bool:
 
 
 @dataclass
-class RabbitMQNode:
+class RabbitMQNode(Restartable):
     """A RabbitMQ node of the test's own, on ``127.0.0.1:port`` (user ``guest``)."""
 
     name: str = field(default_factory=lambda: f"twtest-{uuid.uuid4().hex[:8]}")
@@ -286,6 +294,9 @@ class RabbitMQNode:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
+    def stop_cleanly(self) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """A clean stop (``rabbitmqctl stop``); killed if that does not end it in time."""
         if not self.alive():
@@ -297,16 +308,6 @@ class RabbitMQNode:
             self.process.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
             self.crash()
-
-    def restart(self, downtime: float = 0.0, graceful: bool = False) -> float:
-        started = time.monotonic()
-        if graceful:
-            self.stop()
-        else:
-            self.crash()
-        time.sleep(downtime)  # the outage itself (the scenario's parameter), not a wait for something
-        self.start()
-        return time.monotonic() - started
 
     def parked(self, db: int) -> int:
         """Always 0: RabbitMQ gives a closed channel's unacknowledged messages out again at once."""
