@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-services test lint typecheck pytest clean
+.PHONY: demo demo-services test lint typecheck pytest docs matrix package clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	git ls-files -z '*.py' | xargs -0 $(BIN)/django-upgrade --target-version 5.2
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -33,5 +34,19 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The documentation site (Sphinx, furo, MyST) into docs/_build/html; any warning fails it.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+
+# The rest of the support matrix (noxfile.py): every other Python/Django pair and the
+# lowest dependencies, two sessions at a time; `make test` is the default pair.
+PYENV_VERSIONS ?= 3.11.7:3.12.1:3.13.0
+matrix: $(STAMP)
+	PYENV_VERSION=$(PYENV_VERSIONS) $(BIN)/python .ci/run_matrix.py
+
+# sdist and wheel, twine check, the example run against the installed wheel.
+package: $(STAMP)
+	$(BIN)/nox -s package
+
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache .nox docs/_build

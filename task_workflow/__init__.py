@@ -3,4 +3,4 @@
 Public API lives in :mod:`task_workflow.tasks`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -107,7 +107,7 @@ def _shorten(ref: str, limit: int = 80) -> str:
 
 
 def parse_refs(refs: Iterable[str]) -> list[tuple[SlotGroup, str, str]]:
-    """``(group, token, slot)`` of every :attr:`HeldSlot.ref`, in order.
+    """``(group, token, slot)`` of every :attr:`~task_workflow.throttle.HeldSlot.ref`, in order.
 
     ``ValueError`` naming each malformed one (the first five) if any is: then nothing may
     be released.
@@ -138,7 +138,7 @@ def parse_refs(refs: Iterable[str]) -> list[tuple[SlotGroup, str, str]]:
 def force_release(
     refs: Iterable[str], *, actor: str, cache: str | None = None
 ) -> list[tuple[SlotGroup, str, bool]]:
-    """Release the slots named by :attr:`HeldSlot.ref`, whoever holds them.
+    """Release the slots named by :attr:`~task_workflow.throttle.HeldSlot.ref`, whoever holds them.
 
     Every reference is read first: if any is malformed, ``ValueError`` (from
     :func:`parse_refs`) and nothing is released. Waiters are woken. The holder's own later

@@ -1,6 +1,8 @@
 """Public API: the task decorators and the ready-made error callback.
 
-from task_workflow.tasks import transition, error_transition
+Import them from here::
+
+    from task_workflow.tasks import transition, error_transition
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ def error_transition(
     entity_uuid: uuid_module.UUID | str,
     transition_name: str = "set_erred",
 ) -> Signature:
-    """A ``link_error=`` signature that applies ``transition_name`` when a task fails::
+    """A ``link_error=`` signature that applies ``transition_name`` when a task fails.
 
-    backend_call.apply_async(args=(...), link=done.si(uuid),
-                             link_error=error_transition(Instance, uuid))
+    Example::
+
+        backend_call.apply_async(args=(...), link=done.si(uuid),
+                                 link_error=error_transition(Instance, uuid))
     """
     check_transition_name(model, transition_name)
     # Checked now, where the mistake is made, not when the errback runs after a failure.

@@ -1,19 +1,37 @@
-"""The PNG chart of the demo timeline: no database, broker or workers needed."""
+"""The PNG chart of the demo timeline: no database, broker or workers needed.
+
+The artists of the figure are checked against the input (one bar collection per lane, hatched
+slot-hold bands, transition ticks, labels and legend entries), and the written PNG is read
+back to check that they were drawn where they should be, in the colours they should have.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import io
+import subprocess
+import sys
+from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
-from PIL import Image
+from matplotlib.axes import Axes
+from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_hex, to_rgb
+from matplotlib.figure import Figure
+from matplotlib.image import imread
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.transforms import Bbox
 
 from example_project.timeline_chart import (
+    BAR_HEIGHT,
+    BAR_TOP,
     FAILURE_COLOUR,
+    HATCH,
     LANE_HEIGHT,
     RETRY_COLOUR,
-    SLOT_BAND,
     SUCCESS_COLOUR,
     UNKNOWN_COLOUR,
     WIDTH,
@@ -21,10 +39,12 @@ from example_project.timeline_chart import (
     TaskRun,
     layout_timeline,
     render_timeline_png,
+    timeline_figure,
 )
 
 T0 = 1_800_000_000.0
 GROUP = "example.slow[region-1]"
+OUTCOME_COLOURS = {SUCCESS_COLOUR, FAILURE_COLOUR, RETRY_COLOUR, UNKNOWN_COLOUR}
 
 
 def _event(at: float, pid: int, event: str, **fields: Any) -> dict[str, Any]:
@@ -66,19 +86,52 @@ def _run(layout: ChartLayout, task: str, start: float) -> TaskRun:
     return run
 
 
-def _share(image: Image.Image, box: tuple[int, int, int, int], colour: tuple[int, int, int]) -> float:
-    """The share of the pixels in ``box`` (inclusive) that are exactly ``colour``."""
-    pixels = Counter(
-        image.getpixel((x, y)) for x in range(box[0], box[2] + 1) for y in range(box[1], box[3] + 1)
-    )
-    return pixels[colour] / sum(pixels.values())
+def _figure(events: list[dict[str, Any]]) -> tuple[Figure, Axes]:
+    figure = timeline_figure(events)
+    assert figure is not None
+    (ax,) = figure.axes
+    return figure, ax
 
 
-def _bar_box(layout: ChartLayout, run: TaskRun) -> tuple[int, int, int, int]:
-    """The bar's inside above the slot band (the label covers a little of it)."""
-    assert run.end is not None
-    x0, x1 = layout.span_x(run.start, run.end)
-    return x0 + 2, layout.bar_top(run.pid) + 2, x1 - 2, layout.bar_bottom(run.pid) - SLOT_BAND - 2
+def _collection(ax: Axes, gid: str) -> PolyCollection:
+    (collection,) = [c for c in ax.collections if c.get_gid() == gid]
+    assert isinstance(collection, PolyCollection)
+    return collection
+
+
+def _boxes(collection: PolyCollection) -> list[Bbox]:
+    """The collection's rectangles in data coordinates (seconds, lanes)."""
+    return [path.get_extents() for path in collection.get_paths()]
+
+
+def _x_spans(collection: PolyCollection) -> list[tuple[float, float]]:
+    return [(box.x0, box.x1) for box in _boxes(collection)]
+
+
+def _hexes(colours: Any) -> list[str]:
+    """RGBA rows (as collections return them) as hex strings."""
+    return [to_hex(colour) for colour in np.atleast_2d(colours)]
+
+
+def _png(path: Path) -> np.ndarray:
+    """The PNG as rows of RGB floats in [0, 1], row 0 at the top."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return imread(path, format="png")[:, :, :3]
+
+
+def _share(image: np.ndarray, ax: Axes, box: Bbox, colour: str) -> float:
+    """The share of the PNG's pixels inside the data box ``box`` that are ``colour``."""
+    (x0, y0), (x1, y1) = ax.transData.transform([(box.x0, box.y0), (box.x1, box.y1)])
+    height = image.shape[0]  # display y grows upwards, image rows downwards
+    rows = slice(round(height - max(y0, y1)) + 2, round(height - min(y0, y1)) - 2)
+    pixels = image[rows, round(min(x0, x1)) + 2 : round(max(x0, x1)) - 2]
+    assert pixels.size
+    return float(np.all(np.abs(pixels - to_rgb(colour)) < 2 / 255, axis=-1).mean())
+
+
+def _right_quarter_above_band(box: Bbox, lane: int) -> Bbox:
+    """Where a bar shows only its colour: right of its label, above the slot band."""
+    return Bbox([(box.x1 - box.width / 4, lane + BAR_TOP), (box.x1, lane + BAR_TOP + BAR_HEIGHT / 2)])
 
 
 def test_pairs_starts_and_ends_per_process_and_task() -> None:
@@ -106,13 +159,12 @@ def test_pairs_starts_and_ends_per_process_and_task() -> None:
 def test_writes_a_png_of_the_expected_size(tmp_path: Path) -> None:
     path = tmp_path / "out" / "timeline.png"
     assert render_timeline_png(_events(), path) == path
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        layout = layout_timeline(_events())
-        assert layout is not None
-        assert image.size == layout.size
-        assert image.width == WIDTH == 1400
-        assert 300 < image.height < 600
+    layout = layout_timeline(_events())
+    assert layout is not None
+    height, width = _png(path).shape[:2]
+    assert (width, height) == layout.size
+    assert width == WIDTH == 1400
+    assert 300 < height < 600
 
 
 def test_one_lane_per_worker_process(tmp_path: Path) -> None:
@@ -125,49 +177,144 @@ def test_one_lane_per_worker_process(tmp_path: Path) -> None:
     assert two is not None
     assert three is not None
     assert three.pids == [101, 303, 202]  # workers of one queue side by side
-    assert three.height == two.height + LANE_HEIGHT
+    assert three.size == (WIDTH, two.size[1] + LANE_HEIGHT)
     path = render_timeline_png(events, tmp_path / "three.png")
     assert path is not None
-    with Image.open(path) as image:
-        assert image.size == (WIDTH, two.height + LANE_HEIGHT)
+    assert _png(path).shape[:2] == (two.size[1] + LANE_HEIGHT, WIDTH)
+    _, ax = _figure(events)
+    lanes = [label.get_text() for label in ax.get_yticklabels()]
+    assert lanes == ["pid 101\nqueue celery", "pid 303\nqueue celery", "pid 202\nqueue heavy"]
+    assert ax.get_ylim() == (3, 0)  # top-down
+    assert _x_spans(_collection(ax, "runs 303")) == [pytest.approx((0.5, 0.6))]
 
 
-def test_bars_are_coloured_by_outcome(tmp_path: Path) -> None:
+def test_bars_per_lane_coloured_by_outcome(tmp_path: Path) -> None:
     path = render_timeline_png(_events(), tmp_path / "timeline.png")
     assert path is not None
+    image = _png(path)
     layout = layout_timeline(_events())
     assert layout is not None
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    failed = _bar_box(layout, _run(layout, "example.backend_shutdown", 1.2))
-    succeeded = _bar_box(layout, _run(layout, "example.stop_instance", 0.0))
-    requeued = _bar_box(layout, _run(layout, "example.slow", 1.1))
-    unfinished = _bar_box(layout, _run(layout, "example.orphan", 2.6))
-    assert _share(image, failed, FAILURE_COLOUR) > 0.7
-    assert _share(image, failed, SUCCESS_COLOUR) == 0
-    assert _share(image, succeeded, SUCCESS_COLOUR) > 0.7
-    assert _share(image, succeeded, FAILURE_COLOUR) == 0
-    assert _share(image, requeued, RETRY_COLOUR) > 0.7
-    assert _share(image, unfinished, UNKNOWN_COLOUR) > 0.7
-    # The unfinished run is drawn up to the last event.
-    assert unfinished[2] + 2 == layout.x(3.0)
+    _, ax = _figure(_events())
+    expected = {
+        101: [("stop_instance", 0.0, 1.0, SUCCESS_COLOUR), ("backend_shutdown", 1.2, 2.0, FAILURE_COLOUR),
+              ("orphan", 2.6, 3.0, UNKNOWN_COLOUR)],  # never ended: drawn up to the last event
+        202: [("slow", 0.1, 1.05, SUCCESS_COLOUR), ("slow", 1.1, 1.35, RETRY_COLOUR),
+              ("slow", 1.5, 2.5, SUCCESS_COLOUR)],
+    }  # fmt: skip
+    assert sorted(c.get_gid() or "" for c in ax.collections if (c.get_gid() or "").startswith("runs ")) == [
+        "runs 101",
+        "runs 202",
+    ]
+    for lane, (pid, runs) in enumerate(expected.items()):
+        bars = _collection(ax, f"runs {pid}")
+        assert _x_spans(bars) == [pytest.approx((start, end)) for _, start, end, _ in runs]
+        assert _hexes(bars.get_facecolor()) == [colour for *_, colour in runs]
+        assert all(lane < box.y0 < box.y1 < lane + 1 for box in _boxes(bars))
+        for box, (_, _, _, colour) in zip(_boxes(bars), runs, strict=True):
+            assert _share(image, ax, _right_quarter_above_band(box, lane), colour) > 0.9
+            for other in OUTCOME_COLOURS - {colour}:
+                assert _share(image, ax, _right_quarter_above_band(box, lane), other) == 0
+    assert _run(layout, "example.orphan", 2.6).outcome == "UNKNOWN"
 
 
-def test_slot_holds_are_bands_in_the_group_colour(tmp_path: Path) -> None:
+def test_slot_holds_are_hatched_bands_in_the_group_colour(tmp_path: Path) -> None:
     path = render_timeline_png(_events(), tmp_path / "timeline.png")
     assert path is not None
+    image = _png(path)
     layout = layout_timeline(_events())
     assert layout is not None
     colour = layout.slot_colours[GROUP]
-    assert colour not in (SUCCESS_COLOUR, FAILURE_COLOUR, RETRY_COLOUR, UNKNOWN_COLOUR)
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    bottom = layout.bar_bottom(202)
-    band = (layout.x(0.3), bottom - SLOT_BAND + 2, layout.x(0.9), bottom - 3)
-    before_hold = (layout.x(0.1) + 2, bottom - SLOT_BAND + 2, layout.x(0.2) - 3, bottom - 3)
-    assert _share(image, band, colour) > 0.1
-    assert _share(image, band, SUCCESS_COLOUR) == 0
-    assert _share(image, before_hold, SUCCESS_COLOUR) == 1
+    assert colour not in OUTCOME_COLOURS
+    _, ax = _figure(_events())
+    assert [c.get_gid() for c in ax.collections if (c.get_gid() or "").startswith("holds ")] == [
+        f"holds 202 {GROUP}"
+    ]
+    band = _collection(ax, f"holds 202 {GROUP}")
+    assert band.get_hatch() == HATCH
+    assert _hexes(band.get_edgecolor()) == [colour]
+    assert _x_spans(band) == [pytest.approx((0.2, 1.0)), pytest.approx((1.6, 2.4))]
+    (bar, *_) = _boxes(_collection(ax, "runs 202"))
+    first, _ = _boxes(band)
+    assert bar.y0 < first.y0 < first.y1 == pytest.approx(bar.y1)  # the lower part of the bar
+    # Drawn: the band hides the bar's colour, while the bar before the hold shows it.
+    assert _share(image, ax, first, SUCCESS_COLOUR) == 0
+    assert _share(image, ax, first, _hexes(band.get_facecolor())[0]) > 0.3
+    before = Bbox([(bar.x0, first.y0), (first.x0, first.y1)])
+    assert _share(image, ax, before, SUCCESS_COLOUR) > 0.9
+
+
+def test_transitions_are_ticks_with_their_target_state() -> None:
+    _, ax = _figure(_events())
+    ticks = {line.get_gid(): line for line in ax.lines if isinstance(line, Line2D)}
+    assert ticks.keys() == {"transitions 101", "transitions 202"}
+    assert np.asarray(ticks["transitions 101"].get_xdata()).tolist() == pytest.approx([0.05, 1.95])
+    assert np.asarray(ticks["transitions 202"].get_xdata()).tolist() == pytest.approx([3.0])
+    assert np.asarray(ticks["transitions 202"].get_ydata()).tolist() == pytest.approx(
+        [1 + BAR_TOP + BAR_HEIGHT]
+    )
+    assert ticks["transitions 101"].get_marker() == "|"
+    labels = {text.get_text(): to_hex(text.get_color()) for text in ax.texts}
+    assert labels["vm-1 stopping"] != FAILURE_COLOUR
+    assert labels["vm-2 erred"] == FAILURE_COLOUR
+    assert "vm-3 online" in labels
+    # The bars' names: with their arguments inside the wide enough bars.
+    assert {"stop_instance(vm-1)", "backend_shutdown(vm-2)", "orphan", "slow(10)"} <= labels.keys()
+
+
+def test_legend_lists_outcomes_slot_groups_and_transitions() -> None:
+    figure, ax = _figure(_events())
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "success",
+        "failure",
+        "retry / re-queued",
+        "no end / other state",
+        f"slot held: {GROUP}",
+        "state transition (entity, target state)",
+    ]
+    *patches, tick = legend.legend_handles
+    assert all(isinstance(patch, Patch) for patch in patches)
+    assert [to_hex(patch.get_facecolor()) for patch in patches if isinstance(patch, Patch)] == [
+        SUCCESS_COLOUR,
+        FAILURE_COLOUR,
+        RETRY_COLOUR,
+        UNKNOWN_COLOUR,
+        _hexes(_collection(ax, f"holds 202 {GROUP}").get_facecolor())[0],
+    ]
+    assert [patch.get_hatch() for patch in patches if isinstance(patch, Patch)] == [None] * 4 + [HATCH]
+    assert isinstance(tick, Line2D)
+    assert tick.get_marker() == "|"
+
+
+def test_crowded_labels_stay_apart_and_inside_the_figure(tmp_path: Path) -> None:
+    """Narrow bars are named above them; close transitions stack in two rows, a third is left
+    out; no label overlaps another or sticks out of the plot."""
+    events = [
+        *_events(),
+        _event(1.4, 101, "start", task="example.quick_one", args="x", host="h", queue="celery"),
+        _event(1.41, 101, "end", task="example.quick_one", state="SUCCESS"),
+        *(_event(2.9, 202, "transition", entity=f"vm-{n}", transition="t", source="a", target="online")
+          for n in (5, 6, 7)),
+    ]  # fmt: skip
+    figure, ax = _figure(events)
+    names = [text for text in ax.texts if text.get_text() == "quick_one"]
+    assert len(names) == 1  # above the bar, too narrow for it
+    (bar,) = [box for box in _boxes(_collection(ax, "runs 101")) if box.x0 == pytest.approx(1.4)]
+    assert ax.transData.transform((0, bar.y0))[1] < names[0].get_window_extent().y0
+    shown = {text.get_text() for text in ax.texts}
+    assert len(shown & {"vm-5 online", "vm-6 online", "vm-7 online", "vm-3 online"}) == 2
+    figure.canvas.draw()
+    plot = ax.get_window_extent()
+    outside = [
+        t.get_text()
+        for t in ax.texts
+        if not plot.x0 <= t.get_window_extent().x0 < t.get_window_extent().x1 <= plot.x1 + 0.5
+    ]
+    pairs = combinations(ax.texts, 2)
+    overlapping = [(a, b) for a, b in pairs if a.get_window_extent().overlaps(b.get_window_extent())]
+    assert not overlapping, [(a.get_text(), b.get_text()) for a, b in overlapping]
+    assert not outside
+    assert render_timeline_png(events, tmp_path / "crowded.png") is not None
 
 
 def test_no_events_write_nothing(tmp_path: Path) -> None:
@@ -175,3 +322,26 @@ def test_no_events_write_nothing(tmp_path: Path) -> None:
     assert render_timeline_png([], path) is None
     assert not path.exists()
     assert layout_timeline([]) is None
+    assert timeline_figure([]) is None
+
+
+def test_draws_without_pyplot_or_a_gui_backend(tmp_path: Path) -> None:
+    """The chart leaves matplotlib's global state alone: no pyplot (so no backend switch)."""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from example_project.timeline_chart import render_timeline_png\n"
+        "events = [{'t': 1, 'pid': 1, 'event': 'start', 'task': 't'}, {'t': 2, 'pid': 1, 'event': 'end'}]\n"
+        f"assert render_timeline_png(events, Path({str(tmp_path / 'x.png')!r}))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    env_root = str(Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=env_root, timeout=60)
+
+
+def test_the_demo_prints_a_note_without_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    from example_project.management.commands.run_demo import Command
+
+    monkeypatch.setitem(sys.modules, "example_project.timeline_chart", None)  # import fails
+    out = io.StringIO()
+    Command(stdout=out)._write_chart()
+    assert "chart: skipped (matplotlib is not installed" in out.getvalue()

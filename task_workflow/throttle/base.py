@@ -5,7 +5,7 @@ owner token with a lease deadline; a holder that stops renewing loses its slot w
 lease runs out. Backends never count with read-modify-write: acquiring a slot is one
 atomic operation of the store.
 
-Every backend keeps the protocol's invariants (README, "Throttle protocol"):
+Every backend keeps the protocol's invariants (docs/design/throttle-protocol.md):
 
 1. At most ``concurrency`` live leases per group.
 2. A holder's lease deadline changes only through its own acquire or renewal: no release,

@@ -40,7 +40,7 @@ class Lease:
     out (``valid_until``, its last successful renewal plus the TTL, by the monotonic
     clock) because renewals did not get through. It never turns false again. The holder
     keeps running, so long bodies should check it, and a resource that must never see
-    two holders should check ``fencing_token`` (README, "Fencing tokens").
+    two holders should check ``fencing_token`` (docs/design/throttle-protocol.md, "Fencing tokens").
     """
 
     backend: ThrottleBackend

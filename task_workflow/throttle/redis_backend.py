@@ -19,7 +19,7 @@ trip and the wake-up, no second acquire. Acquire and release are one round trip 
 nothing behind. The scripts write after ``TIME``, which needs Redis >= 5 (effects
 replication).
 
-The scripts are the protocol. Their invariants (README, "Throttle protocol"):
+The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md):
 
 - ``ZCARD holders <= concurrency``: a grant adds a holder only below the limit (after
   dropping expired leases), a handoff replaces the holder that released;

@@ -75,9 +75,14 @@ class Command(BaseCommand):
             "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         log_path = settings.VAR_DIR / f"demo-worker-{name}.log"
+        shown = (
+            log_path.relative_to(settings.BASE_DIR)
+            if log_path.is_relative_to(settings.BASE_DIR)
+            else log_path
+        )
         self.stdout.write(
             f"starting worker: celery -A example_project worker -Q {queue} --concurrency {concurrency}"
-            f"  (log: {log_path.relative_to(settings.BASE_DIR)})"
+            f"  (log: {shown})"
         )
         self.stdout.write(f"worker log: {log_path}")
         with log_path.open("wb") as log:
@@ -190,7 +195,7 @@ class Command(BaseCommand):
         try:
             from example_project.timeline_chart import render_timeline_png
         except ImportError:
-            self.stdout.write("\nchart: skipped (Pillow is not installed: pip install -e '.[dev]')")
+            self.stdout.write("\nchart: skipped (matplotlib is not installed: pip install -e '.[dev]')")
             return
         try:
             path = render_timeline_png(timeline.read_timeline(), Path(settings.VAR_DIR) / "timeline.png")
