@@ -85,6 +85,11 @@ def database_from_url(url: str) -> dict[str, Any]:
             "PASSWORD": unquote(parts.password or ""),
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
+            # Keep connections and check them before reuse (workers: with CELERY_DB_REUSE_MAX
+            # below and the task signal handler in celery.py): one the server dropped is
+            # replaced, not failed on.
+            "CONN_MAX_AGE": 600,
+            "CONN_HEALTH_CHECKS": True,
         }
     raise ValueError(f"DATABASE_URL: unsupported scheme {parts.scheme!r} in {url!r}")
 
@@ -134,6 +139,9 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ALWAYS_EAGER = os.environ.get("CELERY_TASK_ALWAYS_EAGER") == "1"
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Keep each worker process's database connection for 1000 tasks: by default Celery closes
+# it before and after every task (docs/howto/production.md, check task_workflow.W006).
+CELERY_DB_REUSE_MAX = 1000
 
 TASK_WORKFLOW = {
     "CACHE": "default",

@@ -8,6 +8,9 @@
   cannot store (E004), a ``MAX_ENTRIES`` Django cannot read (E008);
 - warnings: a per-process cache (W001), ``IGNORE_EXCEPTIONS`` (W002), culling (W003), a
   socket timeout of 1 s or less (W004), a cache that could not be inspected (W005).
+
+``check_celery_db_reuse`` (tag ``celery``) warns when the project's Celery app closes every
+database connection around each task (W006).
 """
 
 from __future__ import annotations
@@ -321,5 +324,58 @@ def _check_socket_timeout(
             hint=f"Set OPTIONS{option} of the lock cache to at least 2 (seconds; e.g. 5): "
             "TASK_WORKFLOW['THROTTLE_SOCKET_TIMEOUT'] already bounds each throttle call.",
             id="task_workflow.W004",
+        )
+    ]
+
+
+#: Tag of the checks of the project's Celery app (``manage.py check --tag celery``).
+CELERY_TAG = "celery"
+
+
+def _project_celery_app() -> Any:
+    """The app ``celery.current_app`` stands for (the one the project created, or set
+    current), or ``None`` when none exists yet: ``current_app`` would create Celery's
+    fallback app, which has no fixups and would become the default app of every thread."""
+    from celery import _state
+
+    thread_state = getattr(_state, "_tls", None)  # what current_app reads first
+    return getattr(thread_state, "current_app", None) or getattr(_state, "default_app", None)
+
+
+@register(CELERY_TAG)
+def check_celery_db_reuse(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """W006 when the project's Celery app would close database connections around every
+    task: Celery's Django fixup (``celery.fixups.django.DjangoWorkerFixup``) closes every
+    connection on ``task_prerun`` and ``task_postrun`` unless its ``db_reuse_max``, read as
+    ``app.conf.get("CELERY_DB_REUSE_MAX")``, is truthy. It calls ``connection.close()``,
+    which ignores ``CONN_MAX_AGE``, and under prefork ``close_pool()`` too."""
+    from celery.fixups.django import DjangoFixup
+
+    app = _project_celery_app()
+    fixups = getattr(app, "_fixups", None) or ()
+    if not any(isinstance(fixup, DjangoFixup) for fixup in fixups):
+        return []  # no app, or one without Celery's Django fixup: nothing closes connections
+    try:
+        reuse_max = app.conf.get("CELERY_DB_REUSE_MAX")
+        eager = app.conf.task_always_eager
+    except Exception:  # a configuration Celery cannot read: the worker reports it itself
+        return []
+    if reuse_max or eager:
+        return []
+    return [
+        Warning(
+            f"Celery app {app.main or '__main__'!r} closes every database connection before and "
+            "after each task: each task opens a new database session. Celery's Django fixup does "
+            "this unless CELERY_DB_REUSE_MAX is set, whatever CONN_MAX_AGE says, and under the "
+            "prefork pool it also closes Django's connection pool (DATABASES OPTIONS 'pool').",
+            hint="Set CELERY_DB_REUSE_MAX = 1000 in Django settings (read by "
+            "app.config_from_object('django.conf:settings', namespace='CELERY')) or in app.conf: each "
+            "worker process then keeps its connection for 1000 tasks. Celery never calls Django's "
+            "close_old_connections(), so connect it to task_prerun and task_postrun too, with "
+            "CONN_HEALTH_CHECKS = True and CONN_MAX_AGE > 0 (0 closes the connection at every task "
+            "again; with Django's pool, keep 0: it goes back to the pool): a connection the server "
+            "dropped is then replaced instead of failing a task. See 'Production settings' in "
+            "task_workflow's documentation.",
+            id="task_workflow.W006",
         )
     ]
