@@ -123,14 +123,22 @@ class WorkerProcess:
     def _wait_until_ready(self) -> None:
         assert self.process is not None
         deadline = time.monotonic() + self.start_timeout
+        with self.app.connection_for_write() as connection:  # not connected: only its error types
+            connection_errors = connection.connection_errors + connection.channel_errors
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise WorkerError(
                     f"worker {self.hostname} exited with {self.process.returncode} before it was ready; "
                     f"log {self.log_path}:\n{log_tail(self.log_path)}"
                 )
-            # Blocks up to the timeout waiting for the reply: this is the wait.
-            replies = self.app.control.ping(destination=[self.hostname], timeout=0.5) or []
+            try:
+                # Blocks up to the timeout waiting for the reply: this is the wait.
+                replies = self.app.control.ping(destination=[self.hostname], timeout=0.5) or []
+            except connection_errors:
+                # The broker is (re)starting, or this app's pooled connection is from before
+                # a broker restart: the next ping gets a new connection.
+                time.sleep(0.1)
+                continue
             if any(self.hostname in reply for reply in replies):
                 return
         raise WorkerError(

@@ -73,9 +73,10 @@ def test_broker_and_slot_store_down_mid_body_is_no_entity_error(outage_app, outa
         lambda: BodyRun.objects.filter(task=f"inside:{key}").exists(), message="the body never started"
     )
 
+    # Marked before the outage: the worker may log the re-queue before this test runs again.
+    log_mark = outage_worker.log_path.stat().st_size
     outage_redis.stop()
     BodyRun.objects.create(task=f"go:{key}", entity_uuid=volume.uuid, state_seen="")
-    log_mark = outage_worker.log_path.stat().st_size
     wait_until(
         lambda: (
             "rejecting it back to the broker" in outage_worker.log_path.read_text(errors="replace")[log_mark:]
