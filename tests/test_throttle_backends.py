@@ -1188,7 +1188,7 @@ def test_concurrent_holders_never_exceed_the_limit(backend):
     workers = [threading.Thread(target=worker) for _ in range(threads_count)]
     for thread in workers:
         thread.start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a budget for a hang, not a speed
     for thread in workers:
         thread.join(max(0.0, deadline - time.monotonic()))
     stop.set()  # a stuck run fails here instead of hanging
@@ -1198,7 +1198,7 @@ def test_concurrent_holders_never_exceed_the_limit(backend):
     assert not errors, errors
     assert not any(thread.is_alive() for thread in workers), "a worker thread is stuck"
     assert state["cycles"] == threads_count * cycles, (
-        f"only {state['cycles']} of {threads_count * cycles} cycles in 30 s; "
+        f"only {state['cycles']} of {threads_count * cycles} cycles in 120 s; "
         f"slots still held: {tokens_of(backend, group)}"
     )
     assert state["max"] <= concurrency

@@ -36,6 +36,9 @@ ARTIFACTS_DIR = ROOT / "test-artifacts"
 
 #: Task event types after which a task does not run again (for this delivery).
 FINAL_STATES = ("succeeded", "failed")
+#: How long a wait for an event may take before the test calls it a hang: a budget, not a
+#: speed (waits return at the event; a CI machine running two suites at once is slow).
+HANG_TIMEOUT = 90.0
 
 
 def database_url(settings_dict: Mapping[str, Any]) -> str:
@@ -342,7 +345,7 @@ class TaskEvents:
         *,
         args_contain: str | None = None,
         states: Iterable[str] = FINAL_STATES,
-        timeout: float = 30.0,
+        timeout: float = HANG_TIMEOUT,
     ) -> TaskOutcome:
         """Wait until an execution of task ``name`` whose argument repr contains
         ``args_contain`` (e.g. an entity uuid) ended in one of ``states``; return it.
@@ -394,7 +397,7 @@ class TaskEvents:
         types: Iterable[str] = ("task-succeeded", "task-failed"),
         *,
         count: int = 1,
-        timeout: float = 30.0,
+        timeout: float = HANG_TIMEOUT,
     ) -> dict[str, Any]:
         """Wait for the ``count``-th event of task ``task_id`` whose type is one of
         ``types`` (e.g. ``("task-retried",)``) and return it; ``TimeoutError`` (with the
@@ -416,7 +419,9 @@ class TaskEvents:
                     )
                 self._cond.wait(remaining)
 
-    def wait_for_ids(self, task_ids: Iterable[str], *, timeout: float = 60.0) -> dict[str, dict[str, Any]]:
+    def wait_for_ids(
+        self, task_ids: Iterable[str], *, timeout: float = HANG_TIMEOUT
+    ) -> dict[str, dict[str, Any]]:
         """Wait until every task of ``task_ids`` finished (succeeded or failed); return
         task id -> its final event."""
         task_ids = list(task_ids)
