@@ -12,17 +12,22 @@ commits, and only then calls the body with ``transition_entity=`` the saved inst
 
 from __future__ import annotations
 
+import datetime
 import functools
 import inspect
 import logging
 import uuid as uuid_module
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from decimal import Decimal
+from typing import Any, TypeVar, cast
 
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
-from django.db import models, router, transaction
+from django.contrib.contenttypes.models import ContentType
+from django.db import connections, models, router, transaction
+from django.db.models.query import MAX_GET_RESULTS
+from django.db.models.sql import InsertQuery
 from django_fsm import TransitionNotAllowed
 
 from .conf import get_setting
@@ -167,15 +172,26 @@ def apply_transition(
     that field (error transitions). Unless ``TASK_WORKFLOW['TRANSITION_HISTORY']`` is off,
     a :class:`~task_workflow.models.TransitionRecord` is written in the same transaction,
     attributed to ``origin`` (default: the running Celery task, if any).
+
+    The save is ``save(update_fields=...)`` of the fields that need it: the state field,
+    every field whose value differs from the row as loaded once the transition method and
+    django-fsm's signal receivers have run (``error_message``, ``state_changed_at``, any
+    field the method sets), every field holding a mutable value (a JSONField's dict: it
+    may have been changed in place), and every field whose ``pre_save()`` may set a value
+    (``auto_now``, custom fields). A model's own ``save()`` or a ``pre_save`` receiver
+    that sets further fields must add them to ``update_fields``, as Django asks of any
+    ``save(update_fields=...)``.
     """
     check_transition_name(model, transition_name)
     key = parse_entity_uuid(model, entity_uuid)
+    plan = _save_plan(model, transition_name)
     using = router.db_for_write(model)
     with transaction.atomic(using=using):
         try:
-            entity = model._default_manager.using(using).select_for_update().get(uuid=key)
+            entity = _lock_entity(model, key, using)
         except model.DoesNotExist:  # type: ignore[attr-defined]
             raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
+        loaded = plan.snapshot(entity)
         current_state = entity.state  # type: ignore[attr-defined]
         if error_message is not None and hasattr(entity, "error_message"):
             entity.error_message = error_message
@@ -191,20 +207,224 @@ def apply_transition(
                 object=entity,
                 method=getattr(entity, transition_name),
             ) from exc
-        entity.save()
+        entity.save(update_fields=plan.fields_to_save(entity, loaded))
         if get_setting("TRANSITION_HISTORY"):
-            origin = origin or TransitionOrigin.from_running_task()
-            TransitionRecord.objects.db_manager(using).record(
+            _write_history(
                 entity,
-                transition=transition_name,
+                using,
+                transition_name=transition_name,
                 source_state=current_state,
-                target_state=entity.state,  # type: ignore[attr-defined]
-                task_name=origin.task_name,
-                task_id=origin.task_id,
-                user=origin.user,
+                origin=origin or TransitionOrigin.from_running_task(),
                 error_message=error_message or "",
             )
     return entity
+
+
+def _lock_entity(model: type[ModelT], key: uuid_module.UUID, using: str) -> ModelT:
+    """The entity, read with ``SELECT ... FOR UPDATE`` through its default manager, as
+    ``select_for_update().get(uuid=key)`` reads it (``DoesNotExist`` if there is none)."""
+    select = _locking_select(model, using)
+    if select is None:
+        return model._default_manager.using(using).select_for_update().get(uuid=key)
+    return select.get(model, key, using)
+
+
+@dataclass(frozen=True)
+class _LockingSelect:
+    """The statement ``select_for_update().get(uuid=...)`` sends for a model, compiled
+    once by the ORM, and the fields of its columns: run with each call's uuid, its row
+    becomes the instance through ``Model.from_db()`` as in a queryset."""
+
+    sql: str
+    attnames: tuple[str, ...]
+    uuid_field: models.Field
+
+    def get(self, model: type[ModelT], key: uuid_module.UUID, using: str) -> ModelT:
+        connection = connections[using]
+        with connection.cursor() as cursor:
+            cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, connection)])
+            rows = cursor.fetchall()
+        if not rows:
+            raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
+        if len(rows) > 1:
+            raise model.MultipleObjectsReturned(  # type: ignore[attr-defined]
+                f"get() returned more than one {model._meta.object_name} -- it returned {len(rows)}!"
+            )
+        return model.from_db(using, self.attnames, rows[0])
+
+
+@functools.cache
+def _locking_select(model: type[models.Model], using: str) -> _LockingSelect | None:
+    """The locking read of ``model`` compiled once, when it is the same statement on
+    every call and its rows need nothing but ``from_db()``; ``None`` otherwise, and every
+    call goes through the ORM. Building and compiling the queryset is most of the ORM's
+    cost of that read, and for a plain default manager nothing a call does can change the
+    statement: only the uuid differs.
+
+    Plain: the default manager is exactly ``models.Manager`` (a custom manager or
+    queryset may filter, annotate, select related rows or load them its own way, so it
+    always goes through the ORM), the statement has one parameter (the uuid), and no
+    column has a from-database converter (``from_db_value()`` of a custom field, SQLite's
+    UUIDs, ...). Called inside the transaction (``select_for_update()`` compiles only
+    there)."""
+    if type(model._default_manager) is not models.Manager:
+        return None
+    # What get(uuid=...) sends: no ordering, and a LIMIT where FOR UPDATE allows one.
+    queryset = model._default_manager.using(using).select_for_update().filter(uuid=uuid_module.UUID(int=0))
+    queryset = queryset.order_by()
+    if connections[using].features.supports_select_for_update_with_limit:
+        queryset.query.set_limits(high=MAX_GET_RESULTS)
+    compiler = queryset.query.get_compiler(using=using)
+    sql, params = compiler.as_sql()
+    columns = [expression for expression, _sql, _alias in compiler.select]
+    if len(params) != 1 or compiler.get_converters(columns):
+        return None
+    attnames = tuple(column.target.attname for column in columns)
+    # The filter above compiled, so "uuid" is a concrete field.
+    return _LockingSelect(sql, attnames, cast(models.Field, model._meta.get_field("uuid")))
+
+
+#: Marks a field whose value was not loaded (deferred) in a snapshot.
+_NOT_LOADED = object()
+
+#: Values that cannot change without being replaced: one equal to the value loaded is
+#: unchanged. Any other value (a JSONField's dict, a list, a file) may have been changed
+#: in place, where no comparison with the loaded one can tell, so it is always saved.
+#: (``bool`` is an ``int``, ``datetime`` a ``date``.)
+_IMMUTABLE_VALUES: tuple[type, ...] = (
+    str,
+    int,
+    float,
+    Decimal,
+    bytes,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    uuid_module.UUID,
+    type(None),
+)
+
+#: ``pre_save()`` of Django's own fields: none sets a value on save but for ``auto_now``
+#: (checked apart); a FileField's only commits a newly assigned file, a changed value
+#: anyway. A field with another ``pre_save()`` (a custom "last modified" field) may set
+#: one on every save, so it is always saved, as a full ``save()`` would save it.
+_PLAIN_PRE_SAVES = frozenset(
+    {
+        models.Field.pre_save,
+        models.DateField.pre_save,
+        models.DateTimeField.pre_save,
+        models.TimeField.pre_save,
+        models.FileField.pre_save,
+    }
+)
+
+
+@dataclass(frozen=True)
+class _SavePlan:
+    """Which fields the save after a transition writes: the transition's state field,
+    the fields whose value changed since the row was loaded (the transition method, the
+    signal receivers, ``error_message``), and the fields whose ``pre_save()`` may set a
+    new value on every save. Saving only those (``save(update_fields=...)``) builds a
+    shorter UPDATE, and does not write back a stale copy of a column the transition left
+    alone when code inside the same transaction changed it through another path (a
+    queryset ``update()`` in a ``post_transition`` receiver), as a full-row save would.
+    Computed once per model and transition."""
+
+    #: ``(name, attname)`` of every concrete field a full ``save()`` writes, in order.
+    fields: tuple[tuple[str, str], ...]
+    #: Names saved whatever their value: the state field and the ``pre_save()`` ones.
+    always: frozenset[str]
+
+    def snapshot(self, entity: models.Model) -> list[Any]:
+        """The values as loaded, to compare after the transition (``__dict__``: no
+        descriptor runs, a deferred field is not fetched)."""
+        values = entity.__dict__
+        return [values.get(attname, _NOT_LOADED) for _, attname in self.fields]
+
+    def fields_to_save(self, entity: models.Model, loaded: list[Any]) -> list[str]:
+        values = entity.__dict__
+        names = []
+        for (name, attname), before in zip(self.fields, loaded, strict=True):
+            after = values.get(attname, _NOT_LOADED)
+            if after is _NOT_LOADED:  # deferred and never read: a full save() skips it too
+                continue
+            if name in self.always or _changed(before, after):
+                names.append(name)
+        return names
+
+
+def _changed(before: Any, after: Any) -> bool:
+    if not isinstance(after, _IMMUTABLE_VALUES):  # may have been changed in place
+        return True
+    return after is not before and after != before
+
+
+@functools.cache
+def _save_plan(model: type[models.Model], transition_name: str) -> _SavePlan:
+    fields = tuple(
+        field
+        for field in model._meta.concrete_fields
+        if not field.primary_key and not getattr(field, "generated", False)
+    )
+    state_field = getattr(model, transition_name)._django_fsm.field
+    always = {state_field.name if isinstance(state_field, models.Field) else str(state_field)}
+    always.update(field.name for field in fields if _set_by_every_save(field))
+    return _SavePlan(tuple((field.name, field.attname) for field in fields), frozenset(always))
+
+
+def _set_by_every_save(field: models.Field) -> bool:
+    """Whether ``field.pre_save()`` may give the field a new value on any save."""
+    return getattr(field, "auto_now", False) or type(field).pre_save not in _PLAIN_PRE_SAVES
+
+
+def _write_history(
+    entity: models.Model,
+    using: str,
+    *,
+    transition_name: str,
+    source_state: str,
+    origin: TransitionOrigin,
+    error_message: str,
+) -> None:
+    """Insert the transition's TransitionRecord.
+
+    The row is this app's own, written by nothing else, and its INSERT is the same
+    statement every time: it is compiled once per database (``_history_insert``) and run
+    with this record's values, prepared by the fields as Django's compiler prepares
+    them. What ``save()`` adds around an insert is left out, as a new history row has
+    no use for it: the parents and related-fields checks, the ``RETURNING`` of its id
+    (nobody reads it), the ``pre_save``/``post_save`` signals.
+    """
+    content_type = ContentType.objects.db_manager(using).get_for_model(entity, for_concrete_model=False)
+    record = TransitionRecord(
+        content_type_id=content_type.pk,
+        object_id=str(entity.pk),
+        entity_uuid=getattr(entity, "uuid", None),
+        transition=transition_name,
+        source_state=source_state,
+        target_state=entity.state,  # type: ignore[attr-defined]
+        task_name=origin.task_name,
+        task_id=origin.task_id,
+        error_message=error_message,
+    )
+    if origin.user is not None:
+        record.user = origin.user  # checks the user's type and database, as create() did
+    statement, fields = _history_insert(using)
+    connection = connections[using]
+    params = [field.get_db_prep_save(field.pre_save(record, True), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+
+
+@functools.cache
+def _history_insert(using: str) -> tuple[str, tuple[models.Field, ...]]:
+    """The INSERT of one TransitionRecord as Django's compiler writes it for the
+    database ``using`` (no RETURNING), and the fields of its parameters, in order."""
+    fields = tuple(field for field in TransitionRecord._meta.local_concrete_fields if not field.primary_key)
+    query = InsertQuery(TransitionRecord)
+    query.insert_values(fields, [TransitionRecord()])
+    [(statement, _)] = query.get_compiler(using=using).as_sql()
+    return statement, fields
 
 
 def _load_unchanged(

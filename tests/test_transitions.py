@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import threading
 import uuid
 
@@ -739,15 +740,33 @@ def statements(captured) -> list[str]:
     return [q["sql"] for q in captured.captured_queries if not q["sql"].upper().startswith(BOOKKEEPING)]
 
 
-def assert_lock_then_update(sql: list[str], target: str, *, history: bool = True) -> None:
-    """Exactly: one SELECT ... FOR UPDATE of the row, one UPDATE saving ``target`` and,
-    with the transition history on, one INSERT of its record."""
+#: What an UPDATE sets: the quoted column names left of each ``=`` of its SET list.
+SET_COLUMN = re.compile(r'(?:SET |, )"(\w+)" = ')
+
+
+def updated_columns(update: str) -> list[str]:
+    """The columns an ``UPDATE ... SET ... WHERE`` statement sets, in order."""
+    set_list = update.split(" SET ", 1)[1].rsplit(" WHERE ", 1)[0]
+    return SET_COLUMN.findall(f"SET {set_list}")
+
+
+def assert_lock_then_update(
+    sql: list[str],
+    target: str,
+    *,
+    history: bool = True,
+    columns: tuple[str, ...] = ("state", "state_changed_at"),
+) -> None:
+    """Exactly: one SELECT ... FOR UPDATE of the row, one UPDATE saving ``target`` and
+    setting only ``columns`` (what the transition changed, not the whole row) and, with
+    the transition history on, one INSERT of its record."""
     assert len(sql) == (3 if history else 2), sql
     select, update = sql[:2]
     assert select.startswith("SELECT"), select
     assert select.rstrip().endswith("FOR UPDATE"), select
     assert update.startswith('UPDATE "testapp_volume"'), update
     assert f"'{target}'" in update, update
+    assert updated_columns(update) == list(columns), update
     if history:
         assert sql[2].startswith('INSERT INTO "task_workflow_transitionrecord"'), sql[2]
 

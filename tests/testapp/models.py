@@ -28,6 +28,11 @@ class Volume(UuidMixin, StateMixin, models.Model):
     def begin_attaching(self) -> None:
         """ok → attaching, only when attachable."""
 
+    @transition(field="state", source=StateMixin.States.OK, target=StateMixin.States.UPDATE_SCHEDULED)
+    def schedule_resizing(self, size: int) -> None:
+        """ok → update_scheduled, with the new size: a transition that sets another field."""
+        self.size = size
+
 
 class BodyRun(models.Model):
     """One row per executed task body: lets tests count runs across processes."""
