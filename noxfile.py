@@ -20,6 +20,7 @@ on ``PATH`` as ``python3.11``, ``python3.12`` and ``python3.13`` (with pyenv:
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -70,6 +71,9 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/tw_nox_{name}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
         "TASK_WORKFLOW_VAR_DIR": str(Path(session.create_tmp()) / "var"),
+        # Each session runs the fault campaign on a schedule of its own (make test: the
+        # default seed), so the matrix adds fault schedules instead of repeating one.
+        "TWF_SEED": os.environ.get("TWF_SEED", str(20261201 + redis_db)),
     }
     session.run(
         "python",
