@@ -37,6 +37,7 @@ Fault kinds:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import random
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.checker import Fault, HolderLog, LoggedWrite, Report, check, parse_records
-from tests.faults.holder import SCHEMA, GroupSpec
+from tests.faults.holder import SCHEMA, GroupSpec, Timing
 from tests.faults.netns import (
     PARENT_ENV,
     SERVICES_DB_ADDRESS,
@@ -63,6 +64,8 @@ from tests.faults.netns import (
     Topology,
     cleanup_stale_runs,
     new_run_id,
+    run_alive,
+    run_namespaces,
 )
 from tests.faults.proxy import ProxyControl, ProxyProcess, RouteSpec
 
@@ -108,6 +111,22 @@ class CampaignConfig:
     @property
     def restart_grace(self) -> float:
         return self.ttl if self.grace is None else self.grace
+
+    @property
+    def resume_timeout(self) -> float:
+        """Seconds holds may take to resume after a fault ends before the campaign calls it
+        a liveness failure: three times the longest legitimate pause, and at least 30 s.
+
+        That pause adds up, one after the other: a lease the store still counts (a holder
+        stopped or cut off, a handoff claim to a waiter that was stopped: one TTL), a
+        restarted server's grace, the longest BLPOP before a waiter tries again (1 s), a
+        waiter that timed out entering the line again (``wait``), and slots held by holds
+        that run to their end (``Timing.hold``): 9.5 s with the defaults. Measured: at
+        most 4.2 s between two starts on 2 cores at a load average of 7 to 9 (two test
+        sessions and benchmarks beside the campaign).
+        """
+        longest = self.ttl + self.restart_grace + 1.0 + self.wait + Timing().hold[1]
+        return max(30.0, 3 * longest)
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -166,9 +185,12 @@ class RedisServer:
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
         spawned = time.monotonic()
+        # The parent's pid marks the run as in progress for another run's clean-up
+        # (netns.campaign_runs_in), also while no holder runs.
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}
         with (self.data_dir / "redis.log").open("ab") as log:
             self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
             )
         client = self.client()
 
@@ -257,11 +279,7 @@ def drop_stale_databases() -> list[str]:
     exactly that form: ``_`` is a wildcard of LIKE, so the query alone is not enough)."""
     with Database.connect("postgres") as admin:
         names = [row[0] for row in admin.execute("SELECT datname FROM pg_database")]
-    stale = [
-        name
-        for name in names
-        if (m := DATABASE_PATTERN.match(name)) and not RunRegistry(m["id"]).owner_alive()
-    ]
+    stale = [name for name in names if (m := DATABASE_PATTERN.match(name)) and not run_alive(m["id"])]
     for name in stale:
         drop_database(name)
     return stale
@@ -506,7 +524,7 @@ class Campaign:
             fault = self.inject(kind)
             self.faults.append(fault)
             quiet = self.rng.uniform(*self.config.gap)
-            self._await_progress(fault.end, timeout=30.0)
+            self._await_progress(fault.end, timeout=self.config.resume_timeout)
             time.sleep(max(0.0, fault.end + quiet - time.monotonic()))  # the gap is timed, by design
         self._stop_holders()
         return self.check()
@@ -646,16 +664,60 @@ class Campaign:
         self.retired.append(holder)
 
     def _await_progress(self, since: float, timeout: float) -> None:
-        """Wait until some hold starts after ``since`` (recorded as a recovery time)."""
+        """Wait until some hold starts after ``since`` (recorded as a recovery time).
+
+        Fails at once when the run itself broke (a holder or the run's Redis died without
+        a fault of ours): no hold can start then, and the cause is not the throttle's. On
+        a timeout the error says what every holder was doing."""
 
         def started() -> float | None:
             for holder in self.holders:
                 holder.poll()
+            self._check_intact()
             after = [h.last_start for h in self.holders + self.retired if h.last_start > since]
             return min(after, default=None)
 
-        first = wait_until(started, timeout, "holds to resume after a fault", interval=0.02)
+        try:
+            first = wait_until(started, timeout, "holds to resume after a fault", interval=0.02)
+        except CampaignError as exc:
+            raise CampaignError(f"{exc}\n{self.describe_state()}") from None
         self.recoveries.append(first - since)
+
+    def _check_intact(self) -> None:
+        """``CampaignError`` if a holder or the run's Redis exited on its own (only faults
+        end them, and a fault starts a replacement or a new server before it returns)."""
+        dead = [h for h in self.holders if not h.alive()]
+        redis_gone = self.redis.process is None or self.redis.process.poll() is not None
+        if dead or redis_gone:
+            what = [
+                f"holder {h.name} (pid {h.pid}) exited with {h.process and h.process.returncode}"
+                for h in dead
+            ]
+            if redis_gone:
+                status = self.redis.process.returncode if self.redis.process else None
+                what.append(f"the run's Redis exited with {status}")
+            raise CampaignError(
+                f"{'; '.join(what)}, killed by none of the campaign's faults (another run's clean-up? "
+                f"namespaces of this run now: {run_namespaces(self.run_id)})"
+            )
+
+    def describe_state(self) -> str:
+        """Every holder's state and last event, the faults so far, and the clocks."""
+        now = time.monotonic()
+        wall = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+        lines = [f"at {now:.3f} (monotonic) = {wall} (wall clock, as in the holders' logs); holders:"]
+        for h in self.holders:
+            status = "alive" if h.alive() else f"exited {h.process and h.process.returncode}"
+            status += ", SIGSTOPped" if h.stopped else ""
+            last = h.last
+            doing = f"holding {h.group}" if h.holding else "not holding"
+            event = f"last {last.get('ev')} {now - last['t']:.2f}s ago" if "t" in last else "no event"
+            lines.append(
+                f"  {h.name} pid {h.pid}: {status}, {doing}, {event} {last.get('detail', '')}".rstrip()
+            )
+        lines.append("faults:")
+        lines.extend(f"  {f.describe()}" for f in self.faults)
+        return "\n".join(lines)
 
     def _stop_holders(self, timeout: float = 15.0) -> None:
         """SIGTERM every holder (it ends its hold and exits); SIGKILL the ones still there."""
@@ -695,10 +757,19 @@ class Campaign:
 
 def run_campaign(config: CampaignConfig) -> tuple[Report, Path]:
     """Run one campaign; return its report and its artifacts directory: records, logs and
-    ``report.txt``, kept when the run failed (``passed``) or with ``keep_artifacts``,
-    else removed."""
+    ``report.txt``, kept when the run failed (``passed``), broke (an exception: then the
+    report is the error, the faults so far and every holder's state) or with
+    ``keep_artifacts``, else removed."""
     with Campaign(config) as campaign:
-        report = campaign.run()
+        try:
+            report = campaign.run()
+        except Exception as exc:
+            # The faults so far and every holder's state: the records alone do not say.
+            (campaign.dir / "report.txt").write_text(
+                f"campaign error: {exc!r}\n\nwhen it failed: {campaign.describe_state()}\n"
+            )
+            exc.add_note(f"records and logs in {campaign.dir}")
+            raise
         campaign.passed = passed(report)
         if not campaign.passed or config.keep_artifacts:
             (campaign.dir / "report.txt").write_text(

@@ -14,7 +14,11 @@ namespaces. Everything needs root and iproute2.
 
 Runs register in ``RUNS_DIR/<id>`` (the owner's pid and start time, and the pids of the
 processes they started outside a namespace), so a later run can tell the leftovers of a
-crashed run (owner gone) from a run in progress, and remove only the former.
+crashed run (owner gone) from a run in progress, and remove only the former. The registry
+is one directory for the whole machine, like the namespaces it describes; and a run counts
+as in progress also while a process in its namespaces is still the child of the campaign
+that started it (``TWF_PARENT_PID``), so a run registered elsewhere (an older checkout) is
+not taken for leftovers either.
 """
 
 from __future__ import annotations
@@ -38,8 +42,12 @@ CLONE_NEWNET = 0x40000000
 
 NETNS_DIR = Path("/var/run/netns")
 
-#: Where runs register themselves (owner pid, started pids).
-RUNS_DIR = Path(tempfile.gettempdir()) / "twf-runs"
+#: Where runs register themselves (owner pid, started pids): beside the namespaces, on the
+#: same tmpfs, for the whole machine. Not under ``$TMPDIR``: nox gives every session a
+#: TMPDIR of its own, and two campaigns of parallel sessions then could not see each other's
+#: registration: the later one removed the earlier one's namespaces as a crashed run's,
+#: SIGKILLing its Redis and holders mid-run (which then timed out waiting for holds).
+RUNS_DIR = NETNS_DIR.parent / "twf-runs"
 
 #: Namespace names of a run: ``twf-svc-<id>`` and ``twf-h<i>-<id>``.
 NAMESPACE_PATTERN = re.compile(r"^twf-(?:svc|h\d+)-(?P<id>[0-9a-f]{6})$")
@@ -221,15 +229,60 @@ def delete_namespace(name: str) -> None:
     ip("netns", "delete", name, check=False)
 
 
+def _parent_env(pid: int) -> str | None:
+    """``$TWF_PARENT_PID`` of process ``pid``, or ``None``."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{PARENT_ENV}=".encode()
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (field 4 of /proc/<pid>/stat), or ``None``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def campaign_runs_in(namespace: str) -> bool:
+    """Whether a process in ``namespace`` is still the child of the campaign that started
+    it (its ``$TWF_PARENT_PID``): that campaign is alive. Once a campaign dies its holders
+    die with it (``die_with_parent``) and its Redis is orphaned (another parent), so a
+    crashed run's namespaces hold no such process."""
+    for field_ in ip("netns", "pids", namespace, check=False).split():
+        pid = int(field_)
+        parent = _parent_env(pid)
+        if parent is not None and parent.isdigit() and _parent_pid(pid) == int(parent) > 1:
+            return True
+    return False
+
+
+def run_alive(run_id: str) -> bool:
+    """Whether run ``run_id`` is in progress: its registered owner runs, or a process in
+    one of its namespaces is a child of its campaign (a run registered where this one does
+    not look: a campaign of an older checkout, or one that has not registered here)."""
+    if RunRegistry(run_id).owner_alive():
+        return True
+    return any(campaign_runs_in(name) for name in run_namespaces(run_id))
+
+
 def stale_run_ids() -> set[str]:
-    """Ids of runs whose owner process is gone: registered runs, and namespaces of ours
-    without a registration (a run registers before it creates anything, so those are
-    leftovers of a run whose registration was removed)."""
+    """Ids of runs that are not in progress (``run_alive``): registered runs, and
+    namespaces of ours without a registration (a run registers before it creates anything,
+    so those are leftovers of a run whose registration was removed, or of a run registered
+    elsewhere whose campaign runs no process in them any more)."""
     ids = {p.name for p in RUNS_DIR.iterdir() if not p.name.startswith(".")} if RUNS_DIR.is_dir() else set()
     for line in ip("netns", "list").splitlines():
         if line.strip() and (m := NAMESPACE_PATTERN.match(line.split()[0])):
             ids.add(m["id"])
-    return {run_id for run_id in ids if not RunRegistry(run_id).owner_alive()}
+    return {run_id for run_id in ids if not run_alive(run_id)}
 
 
 def cleanup_stale_runs() -> list[str]:
