@@ -1,0 +1,123 @@
+"""Tasks of ``benchmarks/end_to_end.py``; its workers load them with
+``--include benchmarks.e2e_tasks``. Not part of the library or its tests.
+
+Every task takes ``(subject, round_key, total)`` and does nothing in its body, so what a
+variant costs beyond ``bare`` is its decorators' work. ``subject`` is a task index, or
+for the transition variants the uuid of an ``online`` example ``Instance``.
+
+Completions are counted after the task, in ``task_postrun`` (outside any throttle slot
+and after the transition committed), by one ``EVAL`` on the broker's Redis: ``INCR`` of
+the round's counter, and when it reaches ``total`` an ``RPUSH`` to the round's done list,
+which the benchmark blocks on (``BLPOP``). Re-queued runs (``RETRY``, a busy slot) are not
+counted, their final run is; anything but ``SUCCESS`` is also listed under
+``<round_key>:failed``, so the benchmark can refuse a round that did not run cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import shared_task
+from celery.signals import task_postrun
+from django.conf import settings
+
+from example_project.models import Instance
+from task_workflow.tasks import throttle, transition
+
+#: Throttle groups and slots per group of the throttled variants.
+KEYS, CONCURRENCY = 20, 4
+PREFIX = "bench.e2e."
+
+COUNT_SCRIPT = """
+local n = redis.call('INCR', KEYS[1])
+if ARGV[2] ~= 'SUCCESS' then
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+end
+if n == tonumber(ARGV[1]) then
+  redis.call('RPUSH', KEYS[2], n)
+end
+return n
+"""
+
+_clients: dict[int, Any] = {}
+
+
+def _client() -> Any:
+    """A Redis client of this process (made after the pool's fork)."""
+    client = _clients.get(os.getpid())
+    if client is None:
+        import redis
+
+        client = _clients[os.getpid()] = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    return client
+
+
+def count(client: Any, round_key: str, total: int, state: str, detail: str) -> int:
+    """One completion of the round; ``EVAL``, not ``EVALSHA``: tests sharing the Redis
+    server may flush its script cache at any moment."""
+    keys = [round_key, f"{round_key}:done", f"{round_key}:failed"]
+    return int(client.eval(COUNT_SCRIPT, len(keys), *keys, total, state, detail))
+
+
+@task_postrun.connect
+def count_completion(
+    sender: Any = None, args: Any = None, state: str | None = None, retval: Any = None, **_: Any
+) -> None:
+    name = getattr(sender, "name", "") or ""
+    if not name.startswith(PREFIX) or state == "RETRY" or not args or len(args) < 3:
+        return
+    count(_client(), str(args[1]), int(args[2]), state or "", f"{name} {state}: {retval!r}"[:500])
+
+
+@shared_task(name=f"{PREFIX}bare")
+def bare(subject: int, round_key: str, total: int) -> None:
+    """No decorator: the baseline."""
+
+
+@shared_task(name=f"{PREFIX}transition")
+@transition(Instance, "begin_stopping")
+def transitioned(
+    instance_uuid: str, round_key: str, total: int, transition_entity: Instance | None = None
+) -> None:
+    """``@transition``: lock the row, online -> stopping, commit, then this empty body."""
+
+
+@shared_task(name=f"{PREFIX}throttle_key")
+def throttled_with_key(subject: int, round_key: str, total: int) -> None:
+    """``with throttle(key=..., concurrency=4)`` around an empty body, 20 keys."""
+    with throttle(key=f"k{subject % KEYS}", concurrency=CONCURRENCY):
+        pass
+
+
+def _throttled(group: int) -> Any:
+    @shared_task(name=f"{PREFIX}throttle.{group}")
+    @throttle(concurrency=CONCURRENCY)
+    def throttled(subject: int, round_key: str, total: int) -> None:
+        """``@throttle(concurrency=4)``; one of 20 task names, so 20 slot groups."""
+
+    return throttled
+
+
+def _both(group: int) -> Any:
+    @shared_task(name=f"{PREFIX}both.{group}")
+    @throttle(concurrency=CONCURRENCY)
+    @transition(Instance, "begin_stopping")
+    def both(
+        instance_uuid: str, round_key: str, total: int, transition_entity: Instance | None = None
+    ) -> None:
+        """``@throttle(concurrency=4)`` over ``@transition``: take the slot, then the
+        transition; one of 20 task names, so 20 slot groups."""
+
+    return both
+
+
+THROTTLED = [_throttled(group) for group in range(KEYS)]
+BOTH = [_both(group) for group in range(KEYS)]
+
+
+def task_name(variant: str, index: int) -> str:
+    """The task that runs the ``index``-th task of a round of ``variant``."""
+    if variant in ("throttle", "both"):
+        return f"{PREFIX}{variant}.{index % KEYS}"
+    return f"{PREFIX}{variant}"
