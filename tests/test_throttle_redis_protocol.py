@@ -11,6 +11,7 @@ glob pattern.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,8 @@ import redis
 from django.conf import settings
 
 import task_workflow.throttle as throttle_module
+from task_workflow.conf import get_setting
+from task_workflow.locks import force_release
 from task_workflow.signals import slot_acquired, slot_released
 from task_workflow.tasks import ThrottleTimeout, throttle
 from task_workflow.throttle import RedisThrottleBackend, SlotGroup, get_backend
@@ -545,3 +548,111 @@ class FailingSocket:
 
     def close(self) -> None:
         pass
+
+
+# --- A handoff is announced to its waiter only while the waiter holds it -----------------
+
+
+@pytest.mark.parametrize("attempts_again", [False, True], ids=["waits-at-once", "attempts-again-first"])
+def test_a_handoff_force_released_before_its_waiter_woke_is_not_granted_to_it(backend, attempts_again):
+    """Found by the stateful property test (a fencing token granted twice): W is handed
+    H's slot while it is not blocked in its wait, an operator force-releases W's slot (it
+    goes on to X), then W waits, at once or after attempting again and being refused.
+    The first version left the announcement on W's wake list, so the wait granted W a
+    slot it no longer held, with the fencing token of its first handoff, while X held
+    the slot."""
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "H", 1, 60.0, meta(group)).acquired
+    for token in ("W", "X"):
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    assert backend.release(group, "H")  # handed to W, which is not waiting yet
+    [handed] = [slot for slot in backend.held_slots() if slot.group == group]
+    assert handed.token == "W"
+    assert backend.release(group, "W", handed.slot)  # the operator's force release
+    assert list(deadlines(backend, group)) == ["X"]
+    if attempts_again:
+        assert not backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+
+    woken = backend.wait_for_release(group, "W", 0.05)
+
+    assert woken is None, f"W was granted fencing token {woken.fencing_token}, handed to it before"
+    assert backend.cancel_wait(group, "W") is None
+    assert list(deadlines(backend, group)) == ["X"]
+
+
+class ForceReleasedBeforeTheWait(RedisThrottleBackend):
+    """Runs ``before_first_wait(token)`` just before the first ``wait_for_release``."""
+
+    before_first_wait = None
+
+    def wait_for_release(self, group, token, timeout):
+        hook, self.before_first_wait = self.before_first_wait, None
+        if hook is not None:
+            hook(token)
+        return super().wait_for_release(group, token, timeout)
+
+
+def test_a_waiter_whose_handed_slot_was_force_released_before_it_woke_does_not_run(client):
+    """The same through the public API: the waiter's slot is handed over and
+    force-released between its refused attempt and its wait. It must not come out of
+    ``acquire`` with a lease on a slot that another caller holds."""
+    name = unique_name("force")
+    group = SlotGroup(name)
+    backend = ForceReleasedBeforeTheWait(client, f"tw-test:{uuid.uuid4().hex}:", restart_grace=0)
+    throttle_module._backends[(os.getpid(), get_setting("CACHE"))] = backend
+    holder = throttle(name=name, ttl=30).acquire()
+
+    def hand_over_and_force_release(waiter: str) -> None:
+        assert not backend.acquire(group, "next", 1, 30.0, meta(group)).acquired  # behind the waiter
+        holder.release()  # handed to the waiter
+        [handed] = [slot for slot in backend.held_slots() if slot.group == group]
+        assert handed.token == waiter
+        assert force_release([handed.ref], actor="test") == [(group, waiter, True)]
+
+    backend.before_first_wait = hand_over_and_force_release
+    try:
+        try:
+            lease = throttle(name=name, ttl=30, wait=0.3).acquire()
+        except ThrottleTimeout:
+            lease = None
+        else:
+            lease.release()
+        assert backend.before_first_wait is None, "the waiter never waited"
+        assert lease is None, f"the waiter ran on a force-released slot (fence {lease.fencing_token})"
+        assert list(deadlines(backend, group)) == ["next"]
+    finally:
+        client.delete(*backend._keys(group))
+
+
+def test_a_handoff_announcement_expires_before_the_claim_it_announces(client):
+    """A waiter that wakes after its handed claim lapsed (the slot may be someone else's
+    by then) must not find the announcement: the wake entry expires before the claim's
+    deadline by the server's clock (a key lives through the millisecond of its expiry, a
+    lease does not). The first version let both end in the same millisecond."""
+    backend = ShortClaims(client, f"tw-test:{uuid.uuid4().hex}:", restart_grace=0)
+    group = SlotGroup(unique_name())
+    try:
+        assert backend.acquire(group, "H", 1, 60.0, meta(group)).acquired
+        for token in ("W", "X"):
+            assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+        assert backend.release(group, "H")  # handed to W under a 300 ms claim
+        claim_ends = client.zscore(backend._keys(group)[0], "W")
+        announced_until = client.pexpiretime(backend._wake_key(group, "W"))
+        assert 0 < announced_until < claim_ends
+
+        wait_for(lambda: deadlines(backend, group)["W"] <= 0, message="W's claim never lapsed")
+        assert backend.acquire(group, "X", 1, 60.0, meta(group)).acquired  # the lapsed slot
+        assert not backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+        assert backend.wait_for_release(group, "W", 0.05) is None
+    finally:
+        client.delete(*backend._keys(group))
+
+
+def test_a_waiter_that_finds_its_handed_slot_by_attempting_has_no_announcement_left(backend, client):
+    """The acquire that finds a handed slot confirms it: the wake entry goes with it."""
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "H", 1, 60.0, meta(group)).acquired
+    assert not backend.acquire(group, "W", 1, 60.0, meta(group)).acquired
+    assert backend.release(group, "H")  # handed to W
+    assert backend.acquire(group, "W", 1, 60.0, meta(group)).acquired  # the own-slot path
+    assert not client.exists(backend._wake_key(group, "W"))

@@ -32,8 +32,9 @@ clocks and ``MARGIN`` for the round trips (one exception class per kind, below):
    life; a release or renewal of a live lease succeeds;
 3. a slot is handed over only to a live waiter that holds no slot; nobody else (a caller
    that released, gave up, lost its lease, or never asked) is a live holder; a waiter
-   handed a slot gets it from ``wait_for_release``, ``cancel_wait`` or ``acquire``; every
-   holder is listed with its own metadata;
+   handed a slot gets it from ``wait_for_release``, ``cancel_wait`` or ``acquire``, but
+   not once the handed claim was force-released or lapsed; every holder is listed with
+   its own metadata;
 4. FIFO: a grant (an acquire or a handoff) never leaves more earlier-arrived live waiters
    in line than there are free slots; ``waiting()`` lists exactly the live waiters, by
    first arrival, and no holder; a caller is not refused while there are more free slots
@@ -506,6 +507,18 @@ class ThrottleMachine(RuleBasedStateMachine):
         # a grant of its own (to a caller no longer in line). Around its end, either.
         over = handover is not None and (handover.revoked or handover.deadline < t0 - TOL)
         ending = handover is not None and not over and handover.deadline < t1 + TOL
+        if handover is not None and over and handover.fence is not None and fence == handover.fence:
+            # Force-released, or lapsed before the call began: the slot may be someone
+            # else's, and its fencing token was granted once already.
+            self._fail(
+                WrongHolder,
+                f"{via} granted {c.name} the slot handed to it at step {handover.step} (fence {fence}), "
+                + (
+                    "which an operator force-released before it woke"
+                    if handover.revoked
+                    else f"whose claim ended at t={self._t(handover.deadline)}, before the call"
+                ),
+            )
         if handover is not None and (fence == handover.fence or (handover.fence is None and not over)):
             c.fence = fence
             if handover.fence is None:

@@ -11,7 +11,9 @@ Every backend keeps the protocol's invariants (docs/design/throttle-protocol.md)
 2. A holder's lease deadline changes only through its own acquire or renewal: no release,
    handoff or sweep shortens (or extends) another holder's lease.
 3. A slot is handed over only to a caller that is waiting and holds no slot of the
-   group; every successful acquire path ends the caller's waiter registration.
+   group; every successful acquire path ends the caller's waiter registration; a waiter
+   is told of a handoff only while the handed claim is still its own (not force-released,
+   not lapsed).
 4. Waiters are served in order of first arrival (FIFO); a waiter that stops attempting
    (gave up, died) drops out of line without moving anybody else.
 5. The group's records outlive every live lease, whatever mix of TTLs its callers use.

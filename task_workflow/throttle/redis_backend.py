@@ -27,6 +27,11 @@ The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md
   handoff, ``ZADD XX`` for a renewal of a live lease);
 - a grant (any path) removes the caller from the line; a handoff skips anyone already
   holding a slot;
+- a waiter's wake list announces a handoff (its fencing token) only while the claim it
+  announces is still the waiter's and live: the script that ends the claim early (a release
+  of the waiter's slot: a force release before it woke) or confirms it (its acquire finding
+  the slot) deletes it, and it expires the millisecond before the claim does; so no waiter
+  is granted a slot it no longer holds, nor a fencing token twice;
 - whoever sets a deadline extends the group's keys past it;
 - a caller may take a free slot only if fewer than ``concurrency - holders`` live waiters
   are ahead of it in line;
@@ -110,6 +115,11 @@ local function leave_line(token)
   redis.call('HDEL', KEYS[5], token)
 end
 
+-- A waiter's wake list (same hash tag): KEYS[1] minus its holders suffix is the base key.
+local function wake_key(token)
+  return string.sub(KEYS[1], 1, {base_end}) .. ':wake:' .. token
+end
+
 -- "<fencing token> <metadata>" as stored in meta: the fencing token.
 local function fence_of(entry)
   return tonumber(string.sub(entry, 1, string.find(entry, ' ', 1, true) - 1))
@@ -131,6 +141,7 @@ if own and tonumber(own) > now then
   redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
   extend(ttl)
   leave_line(ARGV[1])
+  redis.call('DEL', wake_key(ARGV[1]))  -- the handoff is confirmed: no announcement left
   return fence_of(redis.call('HGET', KEYS[2], ARGV[1]))
 end
 -- Live waiters ahead of this caller (all of them for a newcomer) are served first.
@@ -187,7 +198,8 @@ return -1 - math.max(tonumber(first[2]) - now, 0)
 # first live waiter in line that holds no slot: it is added as a holder (``ZADD NX``) with
 # its own metadata under a claim of at most ``CLAIM_MS``, and woken on its personal list
 # ``<group>:wake:<token>`` (same hash tag) with its fencing token, so it holds the slot
-# when BLPOP returns. Nothing else's lease changes.
+# when BLPOP returns. Nothing else's lease changes. The releaser's own wake list goes too:
+# a slot handed to a waiter and force-released before it woke is no longer announced.
 RELEASE_SCRIPT = (
     PRELUDE
     + """
@@ -197,6 +209,7 @@ if not deadline then
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('DEL', wake_key(ARGV[1]))
 -- 1 for a live lease; an expired one was free already (its slot is still handed on).
 local released = tonumber(deadline) > now and 1 or 0
 if redis.call('EXISTS', KEYS[3]) == 0 then
@@ -223,10 +236,11 @@ while true do
     redis.call('ZADD', KEYS[1], 'NX', now + claim, waiter)
     redis.call('HSET', KEYS[2], waiter, int(fence) .. ' ' .. string.sub(entry, space + 1))
     extend(claim)
-    -- KEYS[1] minus its holders suffix is the group's base key.
-    local wake = string.sub(KEYS[1], 1, {base_end}) .. ':wake:' .. waiter
+    -- Empty before: a waiter holding no slot has no announcement. A key lives through the
+    -- millisecond of its expiry, a claim does not: end the announcement one before.
+    local wake = wake_key(waiter)
     redis.call('RPUSH', wake, int(fence))
-    redis.call('PEXPIRE', wake, claim)
+    redis.call('PEXPIREAT', wake, int(now + claim - 1))
     return released
   end
   leave_line(waiter)  -- no entry, or it holds a slot already: not a waiter
@@ -447,6 +461,8 @@ class RedisThrottleBackend(ThrottleBackend):
         )
         if popped is None:
             return None
+        # The list announces a handoff only while the claim is still ours and live (the
+        # scripts delete or expire it first), so a popped one is a slot we hold.
         return AcquireResult(True, handed_over=True, fencing_token=int(popped[1]))
 
     def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
