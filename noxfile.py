@@ -71,6 +71,8 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/tw_nox_{name}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
         "TASK_WORKFLOW_VAR_DIR": str(Path(session.create_tmp()) / "var"),
+        # Worker logs and reports of this session: another one runs beside it (run_matrix).
+        "TEST_ARTIFACTS_DIR": str(ROOT / "test-artifacts" / name),
         # Each session runs the fault campaign on a schedule of its own (make test: the
         # default seed), so the matrix adds fault schedules instead of repeating one.
         "TWF_SEED": os.environ.get("TWF_SEED", str(20261201 + redis_db)),

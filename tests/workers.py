@@ -32,7 +32,9 @@ from urllib.parse import quote
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS_DIR = ROOT / "test-artifacts"
+#: Worker and server logs, reports, screenshots. Each nox session has its own
+#: (``TEST_ARTIFACTS_DIR``): sessions run side by side and name their files alike.
+ARTIFACTS_DIR = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts")
 
 #: Task event types after which a task does not run again (for this delivery).
 FINAL_STATES = ("succeeded", "failed")
