@@ -1208,3 +1208,26 @@ def test_concurrent_holders_never_exceed_the_limit(backend):
     if not timing(backend).granularity:  # not the file/database cache: their incr reads then writes
         assert len(set(fences)) == len(fences), "a fencing token was handed out twice"
     assert backend.waiting(group) == []
+
+
+class _Interrupt(Exception):
+    """What a soft time limit looks like here: an ``Exception`` that is no database error
+    (Celery's ``SoftTimeLimitExceeded``), raised from a signal handler at any point."""
+
+
+def test_an_interrupt_that_breaks_the_connection_is_raised_not_retried(db_backend, monkeypatch):
+    """A soft time limit that lands mid-query leaves the private connection unusable. The
+    one retry on a fresh connection is for a connection found dead by a database error; it
+    swallowed the interrupt instead, so a task waiting past its soft limit waited on."""
+    calls = []
+
+    def work(cursor):
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise _Interrupt("soft time limit")
+        return "done", False
+
+    monkeypatch.setattr(db_backend, "_recover", lambda private: True)  # the connection died with it
+    with pytest.raises(_Interrupt):
+        db_backend._run(work, write=True)
+    assert calls == [0], "the interrupted change ran again on a fresh connection"

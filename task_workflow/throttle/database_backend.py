@@ -56,7 +56,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.core.cache.backends.db import DatabaseCache
-from django.db import connections, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 
@@ -464,8 +464,10 @@ class DatabaseCacheThrottleBackend(ThrottleBackend):
                 # Whatever interrupted it (an interrupt too): never leave a transaction
                 # open, which would keep the group's row locked for everybody else.
                 dead = self._recover(private)
-                # A COMMIT that failed may still have been applied: never repeat it.
-                if committing or not dead or attempt == 2 or not isinstance(exc, Exception):
+                # A COMMIT that failed may still have been applied: never repeat it. Only a
+                # database error says the connection was dead: an interrupt (a soft time
+                # limit) that broke it mid-query is raised, not swallowed by a retry.
+                if committing or not dead or attempt == 2 or not isinstance(exc, DatabaseError):
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
