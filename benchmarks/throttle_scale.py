@@ -209,6 +209,17 @@ def metadata(group: Any, concurrency: int) -> dict[str, Any]:
 clock = time.perf_counter_ns
 
 
+def timed_acquire_release(backend: Any, group: Any, token: str, concurrency: int, meta: Any) -> Sample:
+    """One acquire that must succeed, then its release: (acquire, release) seconds."""
+    start = clock()
+    result = backend.acquire(group, token, concurrency, TTL, meta)
+    middle = clock()
+    backend.release(group, token)
+    sample = (middle - start, clock() - middle)
+    assert result.acquired
+    return sample
+
+
 def groups_config(backend: Any, prefix: str, count: int) -> Config:
     """``count`` groups of concurrency 2, each holding one live lease; ops on them in turn."""
     from task_workflow.throttle import SlotGroup
@@ -226,13 +237,7 @@ def groups_config(backend: Any, prefix: str, count: int) -> Config:
     def step() -> Sample:
         group, token = groups[cursor[0] % count], tokens.pop()
         cursor[0] += 1
-        start = clock()
-        result = backend.acquire(group, token, 2, TTL, meta)
-        middle = clock()
-        backend.release(group, token)
-        sample = (middle - start, clock() - middle)
-        assert result.acquired
-        return sample
+        return timed_acquire_release(backend, group, token, 2, meta)
 
     return Config(f"{count:,} groups", "groups", count, prefix, ("acquire", "release"), prepare, step)
 
@@ -255,13 +260,7 @@ def fresh_config(backend: Any, prefix: str) -> Config:
 
     def step() -> Sample:
         group, token = pending.pop()
-        start = clock()
-        result = backend.acquire(group, token, 1, TTL, meta)
-        middle = clock()
-        backend.release(group, token)
-        sample = (middle - start, clock() - middle)
-        assert result.acquired
-        return sample
+        return timed_acquire_release(backend, group, token, 1, meta)
 
     return Config("new group per op", "fresh", 0, prefix, ("acquire", "release"), prepare, step)
 
