@@ -4,9 +4,9 @@
 dependencies) in ``.venv``; ``.ci/run`` runs the rest of the matrix here. Sessions:
 
 - ``tests(pyX.Y-djangoA.B)``: the whole suite on PostgreSQL + Redis with real workers,
-  for every supported Python and Django pair (Django 6 needs Python 3.12 or newer);
-- ``lowest``: the same suite on the lowest release of every runtime dependency that
-  ``pyproject.toml`` allows (their own dependencies: the newest that fit);
+  for every supported Python and Django pair (Django 6 needs Python 3.12 or newer); the
+  ``-lowest`` one on the lowest release of every runtime dependency that ``pyproject.toml``
+  allows (their own dependencies: the newest that fit);
 - ``package``: sdist and wheel, ``twine check``, the wheel's contents, and the example
   project run against the wheel installed in a fresh virtualenv;
 - ``docs``: the documentation site, warnings as errors.
@@ -31,27 +31,30 @@ ROOT = Path(__file__).resolve().parent
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["tests", "lowest", "package", "docs"]
+nox.options.sessions = ["tests", "package", "docs"]
 
-#: (Python, Django) pairs the project supports; the first is ``make test``'s.
+#: (Python, Django, dependencies) the project supports: ``newest`` takes the newest release
+#: of every other dependency, ``lowest`` the floor of every runtime dependency in
+#: ``pyproject.toml`` (uv's lowest-direct resolution: what they need in turn, newest that
+#: fits; Django's floor is 5.2.0). The first is ``make test``'s.
 MATRIX = [
-    ("3.11", "5.2"),
-    ("3.12", "5.2"),
-    ("3.13", "5.2"),
-    ("3.12", "6.0"),
-    ("3.13", "6.0"),
-    ("3.12", "6.1"),
-    ("3.13", "6.1"),
+    ("3.11", "5.2", "newest"),
+    ("3.12", "5.2", "lowest"),
+    ("3.13", "5.2", "newest"),
+    ("3.12", "6.0", "newest"),
+    ("3.13", "6.0", "newest"),
+    ("3.12", "6.1", "newest"),
+    ("3.13", "6.1", "newest"),
 ]
 DEFAULT = MATRIX[0]
+
+
+def _session_id(python: str, django: str, deps: str) -> str:
+    return f"py{python}-django{django}" + ("-lowest" if deps == "lowest" else "")
+
+
 #: Redis database numbers for the test sessions (``make test`` uses 15; 0 is left alone).
-REDIS_DBS = {f"py{python}-django{django}": 1 + i for i, (python, django) in enumerate(MATRIX)}
-LOWEST_REDIS_DB = 1 + len(MATRIX)
-
-
-def _tags(python: str, django: str) -> list[str]:
-    """``matrix`` for every pair but ``make test``'s own."""
-    return [] if (python, django) == DEFAULT else ["matrix"]
+REDIS_DBS = {_session_id(*entry): 1 + i for i, entry in enumerate(MATRIX)}
 
 
 def _uv() -> str:
@@ -86,39 +89,29 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
     session.run("pytest", "-p", "no:cacheprovider", *session.posargs, env=env)
 
 
-@nox.session
+@nox.session(venv_backend="uv|virtualenv")
 @nox.parametrize(
-    ("python", "django"),
+    ("python", "django", "deps"),
     [
-        nox.param(
-            python,
-            django,
-            id=f"py{python}-django{django}",
-            tags=[] if (python, django) == DEFAULT else ["matrix"],
-        )
-        for python, django in MATRIX
+        nox.param(*entry, id=_session_id(*entry), tags=[] if entry == DEFAULT else ["matrix"])
+        for entry in MATRIX
     ],
 )
-def tests(session: nox.Session, django: str) -> None:
-    """The whole suite on one Python and Django pair, newest other dependencies."""
-    session.install("-e", ".[test]", f"Django~={django}.0")
-    session_id = f"py{session.python}-django{django}"
+def tests(session: nox.Session, django: str, deps: str) -> None:
+    """The whole suite on one Python and Django pair (newest or lowest dependencies)."""
+    if deps == "lowest":
+        floors = Path(session.create_tmp()) / "lowest.txt"
+        session.run(
+            _uv(), "pip", "compile", "--quiet", "--resolution", "lowest-direct",
+            "--python-version", str(session.python), "--extra", "postgres",
+            "--output-file", str(floors), str(ROOT / "pyproject.toml"),
+            external=True,
+        )  # fmt: skip
+        session.install("-e", ".[test]", "--constraint", str(floors))
+    else:
+        session.install("-e", ".[test]", f"Django~={django}.0")
+    session_id = _session_id(str(session.python), django, deps)
     _run_suite(session, session_id, REDIS_DBS[session_id])
-
-
-@nox.session(python=DEFAULT[0], tags=["matrix"], venv_backend="uv")
-def lowest(session: nox.Session) -> None:
-    """The whole suite on the lowest release of every runtime dependency ``pyproject.toml``
-    allows (uv's lowest-direct resolution: what they need in turn, newest that fits)."""
-    floors = Path(session.create_tmp()) / "lowest.txt"
-    session.run(
-        _uv(), "pip", "compile", "--quiet", "--resolution", "lowest-direct",
-        "--python-version", str(session.python), "--extra", "postgres",
-        "--output-file", str(floors), str(ROOT / "pyproject.toml"),
-        external=True,
-    )  # fmt: skip
-    session.install("-e", ".[test]", "--constraint", str(floors))
-    _run_suite(session, "lowest", LOWEST_REDIS_DB)
 
 
 @nox.session(python=DEFAULT[0])
