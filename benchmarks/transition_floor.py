@@ -45,7 +45,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +59,7 @@ from benchmarks.transition_overhead import (  # noqa: E402
     classify,
     make_rows,
     roundtrip_us,
+    run_round,
     setup_django,
     summarize,
 )
@@ -221,20 +221,6 @@ def check_same_wire(raw: Any, instance_uuid: str) -> list[str]:
 
 
 # --- Timing ------------------------------------------------------------------------------
-
-
-def run_round(
-    ops: dict[str, Callable[[str], Any]], row_sets: dict[str, list[str]], samples: dict[str, list[int]]
-) -> None:
-    """One op of each variant in turn, on that variant's rows; append ns per op."""
-    clock = time.perf_counter_ns
-    names = list(ops)
-    for position in range(len(row_sets[names[0]])):
-        for name in names:
-            fn, instance_uuid = ops[name], row_sets[name][position]
-            start = clock()
-            fn(instance_uuid)
-            samples[name].append(clock() - start)
 
 
 def timed_rounds(raw: Any, uuids: list[str], rounds: int, ops: int) -> dict[str, list[int]]:
