@@ -25,9 +25,10 @@ from typing import Any, TypeVar, cast
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from django.contrib.contenttypes.models import ContentType
-from django.db import connections, models, router, transaction
+from django.db import DatabaseError, connections, models, router, transaction
 from django.db.models.query import MAX_GET_RESULTS
-from django.db.models.sql import InsertQuery
+from django.db.models.signals import post_save, pre_save
+from django.db.models.sql import InsertQuery, UpdateQuery
 from django_fsm import TransitionNotAllowed
 
 from .conf import get_setting
@@ -180,7 +181,9 @@ def apply_transition(
     may have been changed in place), and every field whose ``pre_save()`` may set a value
     (``auto_now``, custom fields). A model's own ``save()`` or a ``pre_save`` receiver
     that sets further fields must add them to ``update_fields``, as Django asks of any
-    ``save(update_fields=...)``.
+    ``save(update_fields=...)``. A model that saves the way Django's ``Model`` does (no
+    ``save()`` of its own, one table) gets the same signals and the same UPDATE, from a
+    statement compiled once instead of built by the ORM on every call.
     """
     check_transition_name(model, transition_name)
     key = parse_entity_uuid(model, entity_uuid)
@@ -207,7 +210,7 @@ def apply_transition(
                 object=entity,
                 method=getattr(entity, transition_name),
             ) from exc
-        entity.save(update_fields=plan.fields_to_save(entity, loaded))
+        _save(entity, using, plan.fields_to_save(entity, loaded))
         if get_setting("TRANSITION_HISTORY"):
             _write_history(
                 entity,
@@ -375,6 +378,115 @@ def _save_plan(model: type[models.Model], transition_name: str) -> _SavePlan:
 def _set_by_every_save(field: models.Field) -> bool:
     """Whether ``field.pre_save()`` may give the field a new value on any save."""
     return getattr(field, "auto_now", False) or type(field).pre_save not in _PLAIN_PRE_SAVES
+
+
+def _save(entity: models.Model, using: str, update_fields: list[str]) -> None:
+    """``entity.save(update_fields=update_fields)``, with the UPDATE compiled once.
+
+    For a model whose saving is Django's own (``_plain_save``) this does what
+    ``save()`` does for it, in order: the related-fields check, ``pre_save``, each
+    field's ``pre_save()`` and ``get_db_prep_save()``, the UPDATE by primary key (an
+    error if it matched no row), the instance's ``_state``, ``post_save`` with
+    ``created=False`` and the ``update_fields``. Only building and compiling the UPDATE
+    is left out, when ``_compiled_update`` has the statement for these fields. A value
+    that is an expression, or anything the statement was not checked for, goes through
+    the ORM's own ``_save_table()`` at the same point instead.
+    """
+    model = type(entity)
+    if not _plain_save(model):
+        entity.save(using=using, update_fields=update_fields)
+        return
+    entity._prepare_related_fields_for_save(operation_name="save")  # type: ignore[attr-defined]
+    fields = frozenset(update_fields)
+    pre_save.send(sender=model, instance=entity, raw=False, using=using, update_fields=fields)
+    with transaction.mark_for_rollback_on_error(using=using):
+        if not _update_compiled(entity, using, fields):
+            entity._save_table(cls=model, using=using, update_fields=fields)  # type: ignore[attr-defined]
+    entity._state.db = using
+    entity._state.adding = False
+    post_save.send(sender=model, instance=entity, created=False, update_fields=fields, raw=False, using=using)
+
+
+@functools.cache
+def _plain_save(model: type[models.Model]) -> bool:
+    """Whether saving ``model`` is Django's ``save()`` with nothing of its own: the save
+    methods are ``Model``'s, the base manager is a plain ``Manager`` and the table is the
+    model's only one (no proxy, no multi-table parents, no generated or composite-key
+    columns, no field with a placeholder of its own). Anything else saves through
+    ``save()``."""
+    meta = model._meta
+    own = ("save", "save_base", "_save_table", "_do_update", "_prepare_related_fields_for_save")
+    return (
+        all(getattr(model, name) is getattr(models.Model, name) for name in own)
+        and type(model._base_manager) is models.Manager
+        and not (meta.proxy or meta.parents or meta.auto_created)
+        and len(getattr(meta, "pk_fields", [meta.pk])) == 1
+        and not any(getattr(field, "generated", False) for field in meta.concrete_fields)
+        and not any(hasattr(field, "get_placeholder") for field in meta.local_concrete_fields)
+    )
+
+
+def _update_compiled(entity: models.Model, using: str, update_fields: frozenset[str]) -> bool:
+    """Run the UPDATE of ``update_fields`` by primary key as the ORM would send it,
+    from a statement compiled once; ``False`` (nothing sent) where the ORM must build it.
+
+    The values are prepared as ``SQLUpdateCompiler`` prepares them (``pre_save()``,
+    ``get_db_prep_save()``); a ``None`` is written as ``NULL`` in the statement, so the
+    statement is the same for the same fields and the same ``None`` values. Its first
+    compilation is checked: the ORM's parameters for that call must be the ones computed
+    here, or that statement is never used."""
+    model = type(entity)
+    connection = connections[using]
+    columns = [field for field in model._meta.local_concrete_fields if field.name in update_fields]
+    values = [field.pre_save(entity, False) for field in columns]
+    params = []
+    shape = []
+    for field, value in zip(columns, values, strict=True):
+        if hasattr(value, "resolve_expression") or hasattr(value, "prepare_database_save"):
+            return False
+        prepared = field.get_db_prep_save(value, connection)
+        if hasattr(prepared, "as_sql"):
+            return False
+        shape.append(prepared is None)
+        if prepared is not None:
+            params.append(prepared)
+    pk_field = model._meta.pk
+    params.append(pk_field.get_db_prep_value(pk_field.get_prep_value(entity.pk), connection, prepared=True))
+    key = (model, using, tuple(field.name for field in columns), tuple(shape))
+    statement = _update_statements.get(key, _NOT_COMPILED)
+    if statement is _NOT_COMPILED:
+        statement = _update_statements[key] = _compile_update(entity, using, columns, values, params)
+    if statement is None:
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        updated = cursor.rowcount
+    if not updated:
+        error = getattr(model, "NotUpdated", DatabaseError)  # Django 6.1's, a DatabaseError
+        raise error("Save with update_fields did not affect any rows.")
+    return True
+
+
+_NOT_COMPILED: Any = object()
+#: (model, database, fields, which values are None) -> the UPDATE, or None: use the ORM.
+_update_statements: dict[tuple[Any, ...], str | None] = {}
+
+
+def _compile_update(
+    entity: models.Model, using: str, columns: list[models.Field], values: list[Any], params: list[Any]
+) -> str | None:
+    """The UPDATE that ``filter(pk=...)._update(...)`` sends for these fields and values
+    (as ``pre_save()`` gave them), if its parameters are ``params``."""
+    model = type(entity)
+    queryset = model._base_manager.using(using).filter(pk=entity.pk)
+    query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
+    query.add_update_fields([(field, None, value) for field, value in zip(columns, values, strict=True)])
+    query.annotations = {}
+    compiler = query.get_compiler(using=using)
+    sql, orm_params = compiler.as_sql()
+    if query.get_related_updates() or list(orm_params) != params:
+        return None
+    return sql
 
 
 def _write_history(

@@ -16,20 +16,30 @@ is the one inside the transaction, below.)
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection, models, transaction
+from django.db import DatabaseError, connection, models, transaction
 from django.db.models import F
-from django.db.models.signals import post_save
+from django.db.models.signals import post_save, pre_save
 from django.test.utils import CaptureQueriesContext
 from django_fsm import FSMField
 from django_fsm.signals import post_transition
 
 from task_workflow.models import TransitionRecord
 from task_workflow.tasks import apply_transition
-from task_workflow.transitions import _changed, _locking_select, _save_plan, _set_by_every_save
+from task_workflow.transitions import (
+    _changed,
+    _locking_select,
+    _plain_save,
+    _save,
+    _save_plan,
+    _set_by_every_save,
+)
 from tests.test_transitions import statements, updated_columns
 from tests.testapp.models import Volume
 
@@ -175,6 +185,158 @@ def test_post_save_receivers_see_the_saved_fields(volume_type):
     # The history row is inserted without model signals (task_workflow's own table).
     assert seen == [(Volume, frozenset({"state", "state_changed_at"}))]
     assert TransitionRecord.objects.for_entity(volume).count() == 1
+
+
+# --- The UPDATE is the ORM's, compiled once ------------------------------------------------
+
+
+@contextmanager
+def sent_statements(kind: str) -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
+    """(SQL, parameters) of every ``kind`` statement sent in the block, as Django hands
+    them to the database cursor."""
+    sent: list[tuple[str, tuple[Any, ...]]] = []
+
+    def wrapper(execute, sql, params, many, context):
+        if sql.lstrip().upper().startswith(kind):
+            sent.append((sql, tuple(params or ())))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(wrapper):
+        yield sent
+
+
+def orm_update(volume: Volume, name: str, fields: list[str]) -> tuple[str, tuple[Any, ...]]:
+    """The UPDATE that ``save(update_fields=fields)`` sends after transition ``name``."""
+    with transaction.atomic(), sent_statements("UPDATE") as sent:
+        entity = Volume.objects.select_for_update().get(pk=volume.pk)
+        getattr(entity, name)()
+        entity.save(update_fields=fields)
+    [update] = sent
+    return update
+
+
+@pytest.mark.django_db
+def test_the_update_is_the_statement_of_the_orm_s_save(volume_type):
+    """The compiled UPDATE is the one ``save(update_fields=...)`` sends, on its first
+    use (compiled then) and after (from the cache), with the same kind of parameters."""
+    volumes = [Volume.objects.create(state=S.UPDATE_SCHEDULED, size=3) for _ in range(3)]
+    with sent_statements("UPDATE") as sent:
+        apply_transition(Volume, volumes[0].uuid, "begin_updating")
+        apply_transition(Volume, volumes[1].uuid, "begin_updating")
+    expected_sql, expected_params = orm_update(volumes[2], "begin_updating", ["state", "state_changed_at"])
+    assert [sql for sql, _ in sent] == [expected_sql, expected_sql]
+    for (_, params), volume in zip(sent, volumes, strict=False):
+        assert [type(p) for p in params] == [type(p) for p in expected_params]
+        assert params[0] == S.UPDATING
+        assert params[-1] == volume.pk
+    assert [stored(v)["state"] for v in volumes] == [S.UPDATING] * 3
+
+
+@pytest.mark.django_db
+def test_a_none_value_is_written_as_null_by_a_statement_of_its_own():
+    """As in the ORM's UPDATE, ``None`` is ``= NULL`` in the statement, not a parameter:
+    the same fields with and without a ``None`` are two statements, each right."""
+    content_type = ContentType.objects.get_for_model(Volume)
+    record = TransitionRecord.objects.create(
+        content_type=content_type, object_id="1", transition="t", source_state="a", target_state="b"
+    )
+    new_uuid = uuid.uuid4()
+    with transaction.atomic(), sent_statements("UPDATE") as sent:
+        _save(record, "default", ["entity_uuid", "task_name"])
+        record.entity_uuid = new_uuid
+        record.task_name = "tests.save"
+        _save(record, "default", ["entity_uuid", "task_name"])
+    assert '"entity_uuid" = NULL' in sent[0][0]
+    assert '"entity_uuid" = NULL' not in sent[1][0]
+    assert TransitionRecord.objects.values_list("entity_uuid", "task_name").get(pk=record.pk) == (
+        new_uuid,
+        "tests.save",
+    )
+
+
+@pytest.mark.django_db
+def test_pre_save_and_post_save_are_sent_as_by_save(volume_type):
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def on_pre_save(sender, instance, **kwargs):
+        seen.append(("pre_save", {"sender": sender, "pk": instance.pk, **kwargs}))
+
+    def on_post_save(sender, instance, **kwargs):
+        seen.append(("post_save", {"sender": sender, "pk": instance.pk, "state": instance.state, **kwargs}))
+
+    first, second = (Volume.objects.create(state=S.UPDATE_SCHEDULED) for _ in range(2))
+    pre_save.connect(on_pre_save, sender=Volume, dispatch_uid="tests.save.pre", weak=False)
+    post_save.connect(on_post_save, sender=Volume, dispatch_uid="tests.save.post", weak=False)
+    try:
+        apply_transition(Volume, first.uuid, "begin_updating")
+        by_transition = [(name, {**kwargs, "pk": None}) for name, kwargs in seen]
+        seen.clear()
+        orm_update(second, "begin_updating", ["state", "state_changed_at"])
+        by_save = [(name, {**kwargs, "pk": None}) for name, kwargs in seen]
+    finally:
+        pre_save.disconnect(sender=Volume, dispatch_uid="tests.save.pre")
+        post_save.disconnect(sender=Volume, dispatch_uid="tests.save.post")
+    assert [name for name, _ in by_transition] == ["pre_save", "post_save"]
+    for (_, got), (_, expected) in zip(by_transition, by_save, strict=True):
+        got.pop("signal"), expected.pop("signal")
+        assert got == expected
+    assert by_transition[1][1]["created"] is False
+    assert by_transition[1][1]["update_fields"] == frozenset({"state", "state_changed_at"})
+
+
+@pytest.mark.django_db
+def test_a_model_with_a_save_of_its_own_is_saved_through_it(volume_type, monkeypatch):
+    calls = []
+
+    def save(self, *args, **kwargs):
+        calls.append(kwargs.get("update_fields"))
+        return models.Model.save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Volume, "save", save, raising=False)
+    _plain_save.cache_clear()
+    try:
+        assert not _plain_save(Volume)
+        volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
+        calls.clear()
+        apply_transition(Volume, volume.uuid, "begin_updating")
+    finally:
+        monkeypatch.undo()
+        _plain_save.cache_clear()
+    assert calls == [["state", "state_changed_at"]]
+    assert stored(volume)["state"] == S.UPDATING
+    assert _plain_save(Volume)
+
+
+@pytest.mark.django_db
+def test_an_expression_set_by_a_receiver_is_saved_by_the_orm(volume_type, receiver):
+    @receiver
+    def grow(sender, instance, name, **kwargs):
+        if name == "begin_updating":
+            instance.size = F("size") + 10
+
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED, size=1)
+    apply_transition(Volume, volume.uuid, "begin_updating")
+    assert stored(volume)["size"] == 11
+    assert stored(volume)["state"] == S.UPDATING
+
+
+@pytest.mark.django_db
+def test_an_update_that_matches_no_row_fails_and_writes_nothing(volume_type):
+    """As ``save(update_fields=...)`` does, an UPDATE that matched no row (a ``pre_save``
+    receiver deleted it) is an error; the whole transition is rolled back."""
+
+    def delete_row(sender, instance, **kwargs):
+        Volume.objects.filter(pk=instance.pk).delete()
+
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
+    pre_save.connect(delete_row, sender=Volume, dispatch_uid="tests.save.delete", weak=False)
+    try:
+        with pytest.raises(DatabaseError, match="did not affect any rows"):
+            apply_transition(Volume, volume.uuid, "begin_updating")
+    finally:
+        pre_save.disconnect(sender=Volume, dispatch_uid="tests.save.delete")
+    assert stored(volume)["state"] == S.UPDATE_SCHEDULED
+    assert not TransitionRecord.objects.for_entity(volume).exists()
 
 
 # --- No stale write-back -------------------------------------------------------------------
