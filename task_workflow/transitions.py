@@ -431,35 +431,34 @@ def _update_compiled(entity: models.Model, using: str, update_fields: frozenset[
     from a statement compiled once; ``False`` (nothing sent) where the ORM must build it.
 
     The values are prepared as ``SQLUpdateCompiler`` prepares them (``pre_save()``,
-    ``get_db_prep_save()``); a ``None`` is written as ``NULL`` in the statement, so the
-    statement is the same for the same fields and the same ``None`` values. Its first
-    compilation is checked: the ORM's parameters for that call must be the ones computed
-    here, or that statement is never used."""
+    ``get_db_prep_save()``). A ``None`` is a ``NULL`` written in the statement (Django
+    5.2, 6.0) or a parameter (6.1): the statement is compiled once per set of fields and
+    of ``None`` values, and its first compilation is checked: the ORM's parameters for
+    that call must be the values computed here (with or without the ``None`` ones), or
+    that statement is never used."""
     model = type(entity)
     connection = connections[using]
     columns = [field for field in model._meta.local_concrete_fields if field.name in update_fields]
     values = [field.pre_save(entity, False) for field in columns]
     params = []
-    shape = []
     for field, value in zip(columns, values, strict=True):
         if hasattr(value, "resolve_expression") or hasattr(value, "prepare_database_save"):
             return False
         prepared = field.get_db_prep_save(value, connection)
         if hasattr(prepared, "as_sql"):
             return False
-        shape.append(prepared is None)
-        if prepared is not None:
-            params.append(prepared)
+        params.append(prepared)
     pk_field = model._meta.pk
     params.append(pk_field.get_db_prep_value(pk_field.get_prep_value(entity.pk), connection, prepared=True))
-    key = (model, using, tuple(field.name for field in columns), tuple(shape))
-    statement = _update_statements.get(key, _NOT_COMPILED)
-    if statement is _NOT_COMPILED:
-        statement = _update_statements[key] = _compile_update(entity, using, columns, values, params)
-    if statement is None:
+    key = (model, using, tuple(field.name for field in columns), tuple(p is None for p in params))
+    compiled = _update_statements.get(key, _NOT_COMPILED)
+    if compiled is _NOT_COMPILED:
+        compiled = _update_statements[key] = _compile_update(entity, using, columns, values, params)
+    if compiled is None:
         return False
+    statement, nulls_are_parameters = compiled
     with connection.cursor() as cursor:
-        cursor.execute(statement, params)
+        cursor.execute(statement, params if nulls_are_parameters else [p for p in params if p is not None])
         updated = cursor.rowcount
     if not updated:
         error = getattr(model, "NotUpdated", DatabaseError)  # Django 6.1's, a DatabaseError
@@ -468,15 +467,17 @@ def _update_compiled(entity: models.Model, using: str, update_fields: frozenset[
 
 
 _NOT_COMPILED: Any = object()
-#: (model, database, fields, which values are None) -> the UPDATE, or None: use the ORM.
-_update_statements: dict[tuple[Any, ...], str | None] = {}
+#: (model, database, fields, which values are None) -> (the UPDATE, whether its NULLs are
+#: parameters), or None: use the ORM.
+_update_statements: dict[tuple[Any, ...], tuple[str, bool] | None] = {}
 
 
 def _compile_update(
     entity: models.Model, using: str, columns: list[models.Field], values: list[Any], params: list[Any]
-) -> str | None:
+) -> tuple[str, bool] | None:
     """The UPDATE that ``filter(pk=...)._update(...)`` sends for these fields and values
-    (as ``pre_save()`` gave them), if its parameters are ``params``."""
+    (as ``pre_save()`` gave them), if its parameters are ``params`` (``True``) or
+    ``params`` without the ``None`` ones (``False``)."""
     model = type(entity)
     queryset = model._base_manager.using(using).filter(pk=entity.pk)
     query = cast(UpdateQuery, queryset.query.chain(UpdateQuery))
@@ -484,9 +485,13 @@ def _compile_update(
     query.annotations = {}
     compiler = query.get_compiler(using=using)
     sql, orm_params = compiler.as_sql()
-    if query.get_related_updates() or list(orm_params) != params:
+    if query.get_related_updates():
         return None
-    return sql
+    if list(orm_params) == params:
+        return sql, True
+    if list(orm_params) == [p for p in params if p is not None]:
+        return sql, False
+    return None
 
 
 def _write_history(
@@ -508,22 +513,32 @@ def _write_history(
     (nobody reads it), the ``pre_save``/``post_save`` signals.
     """
     content_type = ContentType.objects.db_manager(using).get_for_model(entity, for_concrete_model=False)
-    record = TransitionRecord(
-        content_type_id=content_type.pk,
-        object_id=str(entity.pk),
-        entity_uuid=getattr(entity, "uuid", None),
-        transition=transition_name,
-        source_state=source_state,
-        target_state=entity.state,  # type: ignore[attr-defined]
-        task_name=origin.task_name,
-        task_id=origin.task_id,
-        error_message=error_message,
-    )
-    if origin.user is not None:
-        record.user = origin.user  # checks the user's type and database, as create() did
+    values = {
+        "content_type_id": content_type.pk,
+        "object_id": str(entity.pk),
+        "entity_uuid": getattr(entity, "uuid", None),
+        "transition": transition_name,
+        "source_state": source_state,
+        "target_state": entity.state,  # type: ignore[attr-defined]
+        "task_name": origin.task_name,
+        "task_id": origin.task_id,
+        "error_message": error_message,
+    }
     statement, fields = _history_insert(using)
     connection = connections[using]
-    params = [field.get_db_prep_save(field.pre_save(record, True), connection) for field in fields]
+    if origin.user is None:
+        # The values a new TransitionRecord(**values) would hold, without building one
+        # (its fields' pre_save() return the value as it is: _history_insert checks).
+        params = [
+            field.get_db_prep_save(
+                values[field.attname] if field.attname in values else field.get_default(), connection
+            )
+            for field in fields
+        ]
+    else:
+        record = TransitionRecord(**values)
+        record.user = origin.user  # checks the user's type and database, as create() did
+        params = [field.get_db_prep_save(field.pre_save(record, True), connection) for field in fields]
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
 
@@ -533,6 +548,7 @@ def _history_insert(using: str) -> tuple[str, tuple[models.Field, ...]]:
     """The INSERT of one TransitionRecord as Django's compiler writes it for the
     database ``using`` (no RETURNING), and the fields of its parameters, in order."""
     fields = tuple(field for field in TransitionRecord._meta.local_concrete_fields if not field.primary_key)
+    assert not any(_set_by_every_save(field) or getattr(field, "auto_now_add", False) for field in fields)
     query = InsertQuery(TransitionRecord)
     query.insert_values(fields, [TransitionRecord()])
     [(statement, _)] = query.get_compiler(using=using).as_sql()

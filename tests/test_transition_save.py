@@ -39,6 +39,7 @@ from task_workflow.transitions import (
     _save,
     _save_plan,
     _set_by_every_save,
+    _update_statements,
 )
 from tests.test_transitions import statements, updated_columns
 from tests.testapp.models import Volume
@@ -230,24 +231,36 @@ def test_the_update_is_the_statement_of_the_orm_s_save(volume_type):
         assert params[0] == S.UPDATING
         assert params[-1] == volume.pk
     assert [stored(v)["state"] for v in volumes] == [S.UPDATING] * 3
+    assert [compiled for key, compiled in _update_statements.items() if key[0] is Volume][0] is not None
 
 
 @pytest.mark.django_db
-def test_a_none_value_is_written_as_null_by_a_statement_of_its_own():
-    """As in the ORM's UPDATE, ``None`` is ``= NULL`` in the statement, not a parameter:
-    the same fields with and without a ``None`` are two statements, each right."""
+def test_a_none_value_is_saved_by_the_statement_the_orm_sends_for_it():
+    """A ``None`` is ``= NULL`` in the ORM's UPDATE (Django 5.2, 6.0) or a parameter
+    (6.1): the same fields with and without a ``None`` get each the ORM's statement."""
     content_type = ContentType.objects.get_for_model(Volume)
-    record = TransitionRecord.objects.create(
-        content_type=content_type, object_id="1", transition="t", source_state="a", target_state="b"
+    record, other = (
+        TransitionRecord.objects.create(
+            content_type=content_type, object_id="1", transition="t", source_state="a", target_state="b"
+        )
+        for _ in range(2)
     )
+    fields = ["entity_uuid", "task_name"]
     new_uuid = uuid.uuid4()
     with transaction.atomic(), sent_statements("UPDATE") as sent:
-        _save(record, "default", ["entity_uuid", "task_name"])
-        record.entity_uuid = new_uuid
-        record.task_name = "tests.save"
-        _save(record, "default", ["entity_uuid", "task_name"])
-    assert '"entity_uuid" = NULL' in sent[0][0]
-    assert '"entity_uuid" = NULL' not in sent[1][0]
+        _save(record, "default", fields)
+        other.save(update_fields=fields)
+        record.entity_uuid = other.entity_uuid = new_uuid
+        record.task_name = other.task_name = "tests.save"
+        _save(record, "default", fields)
+        other.save(update_fields=fields)
+    assert sent[0][0] == sent[1][0]
+    assert sent[2][0] == sent[3][0]
+    assert sent[2][1][:-1] == sent[3][1][:-1]  # the same values; the primary keys differ
+    # Both went through a compiled statement, one per set of None values.
+    shapes = {key[3]: compiled for key, compiled in _update_statements.items() if key[0] is TransitionRecord}
+    assert None not in shapes.values()
+    assert len(shapes) == 2
     assert TransitionRecord.objects.values_list("entity_uuid", "task_name").get(pk=record.pk) == (
         new_uuid,
         "tests.save",
