@@ -15,14 +15,20 @@ counted, their final run is; anything but ``SUCCESS`` is also listed under
 
 from __future__ import annotations
 
+import functools
 import os
+import uuid
 from typing import Any
 
 from celery import shared_task
 from celery.signals import task_postrun
 from django.conf import settings
+from django.contrib.contenttypes.models import ContentType
+from django.db import connection
+from django.utils import timezone
 
 from example_project.models import Instance
+from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle, transition
 
 #: Throttle groups and slots per group of the throttled variants.
@@ -81,6 +87,61 @@ def transitioned(
     instance_uuid: str, round_key: str, total: int, transition_entity: Instance | None = None
 ) -> None:
     """``@transition``: lock the row, online -> stopping, commit, then this empty body."""
+
+
+@shared_task(name=f"{PREFIX}sql_floor")
+def sql_floor(instance_uuid: str, round_key: str, total: int) -> None:
+    """Informational, the ceiling of ``@transition``: the statements it sends (``BEGIN``,
+    ``SELECT ... FOR UPDATE``, ``UPDATE`` of the state, the history ``INSERT``,
+    ``COMMIT``) through the worker's own psycopg connection, with Django's adapters, after
+    the connection's health check as the ORM's first query of a task has it; no ORM, no
+    django-fsm, no decorator."""
+    connection.ensure_connection()
+    raw = connection.connection
+    now = timezone.now()
+    with raw.transaction(), raw.cursor() as cursor:
+        cursor.execute(_floor_sql("lock"), [uuid.UUID(instance_uuid)])
+        (row,) = cursor.fetchall()
+        cursor.execute(_floor_sql("update"), [Instance.States.STOPPING, now, row[0]])
+        values = {
+            "content_type_id": _instance_content_type_id(),
+            "object_id": str(row[0]),
+            "entity_uuid": row[1],
+            "transition": "begin_stopping",
+            "source_state": Instance.States.ONLINE,
+            "target_state": Instance.States.STOPPING,
+            "task_name": sql_floor.name,
+            "task_id": sql_floor.request.id or "",
+            "user_id": None,
+            "error_message": "",
+            "created_at": now,
+        }
+        cursor.execute(_floor_sql("insert"), [values[column] for column in _HISTORY_COLUMNS])
+
+
+_HISTORY_COLUMNS = (
+    "content_type_id", "object_id", "entity_uuid", "transition", "source_state", "target_state",
+    "task_name", "task_id", "user_id", "error_message", "created_at",
+)  # fmt: skip
+
+
+@functools.cache
+def _floor_sql(kind: str) -> str:
+    """The statements of ``sql_floor``, written as Django writes them for these tables."""
+    table = Instance._meta.db_table
+    if kind == "lock":
+        columns = ", ".join(f'"{table}"."{field.column}"' for field in Instance._meta.concrete_fields)
+        return f'SELECT {columns} FROM "{table}" WHERE "{table}"."uuid" = %s LIMIT 21 FOR UPDATE'
+    if kind == "update":
+        return f'UPDATE "{table}" SET "state" = %s, "state_changed_at" = %s WHERE "{table}"."id" = %s'
+    history = TransitionRecord._meta.db_table
+    columns = ", ".join(f'"{column}"' for column in _HISTORY_COLUMNS)
+    return f'INSERT INTO "{history}" ({columns}) VALUES ({", ".join(["%s"] * len(_HISTORY_COLUMNS))})'
+
+
+@functools.cache
+def _instance_content_type_id() -> int:
+    return ContentType.objects.get_for_model(Instance, for_concrete_model=False).pk
 
 
 @shared_task(name=f"{PREFIX}throttle_key")

@@ -94,17 +94,18 @@ SETTINGS_MODULE = "benchmarks.e2e_settings"
 PROFILES = ("recommended", "default")
 #: ``async-commit``: for diagnosis only (``--profiles recommended,default,async-commit``).
 ALL_PROFILES = (*PROFILES, "async-commit")
-VARIANTS = ("bare", "throttle", "transition", "both", "throttle_key")
+VARIANTS = ("bare", "throttle", "transition", "both", "throttle_key", "sql_floor")
 LABELS = {
     "bare": "bare task",
     "throttle": "@throttle (20 groups x 4)",
     "transition": "@transition",
     "both": "@throttle + @transition",
     "throttle_key": "with throttle(key=..) (20 keys x 4)",
+    "sql_floor": "@transition's SQL, raw psycopg",
 }
 #: Ratio to bare, in the recommended profile.
 GOALS = {"transition": 0.60, "throttle": 0.92, "both": 0.55}
-TRANSITION_VARIANTS = ("transition", "both")
+TRANSITION_VARIANTS = ("transition", "both", "sql_floor")
 #: Seconds without a counted completion after which a block is given up.
 STALL_TIMEOUT = 30.0
 
