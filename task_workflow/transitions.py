@@ -12,6 +12,7 @@ commits, and only then calls the body with ``transition_entity=`` the saved inst
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import inspect
@@ -26,6 +27,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from django.contrib.contenttypes.models import ContentType
 from django.db import DatabaseError, connections, models, router, transaction
+from django.db.backends.utils import CursorWrapper
 from django.db.models.query import MAX_GET_RESULTS
 from django.db.models.signals import post_save, pre_save
 from django.db.models.sql import InsertQuery, UpdateQuery
@@ -189,9 +191,11 @@ def apply_transition(
     key = parse_entity_uuid(model, entity_uuid)
     plan = _save_plan(model, transition_name)
     using = router.db_for_write(model)
-    with transaction.atomic(using=using):
+    # One cursor for the transaction's own statements (the locked read, the UPDATE, the
+    # history INSERT): a Django cursor costs as much Python as a statement sent with it.
+    with transaction.atomic(using=using), connections[using].cursor() as cursor:
         try:
-            entity = _lock_entity(model, key, using)
+            entity = _lock_entity(model, key, using, cursor)
         except model.DoesNotExist:  # type: ignore[attr-defined]
             raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
         loaded = plan.snapshot(entity)
@@ -210,11 +214,12 @@ def apply_transition(
                 object=entity,
                 method=getattr(entity, transition_name),
             ) from exc
-        _save(entity, using, plan.fields_to_save(entity, loaded))
+        _save(entity, using, plan.fields_to_save(entity, loaded), cursor)
         if get_setting("TRANSITION_HISTORY"):
             _write_history(
                 entity,
                 using,
+                cursor,
                 transition_name=transition_name,
                 source_state=current_state,
                 origin=origin or TransitionOrigin.from_running_task(),
@@ -223,13 +228,13 @@ def apply_transition(
     return entity
 
 
-def _lock_entity(model: type[ModelT], key: uuid_module.UUID, using: str) -> ModelT:
+def _lock_entity(model: type[ModelT], key: uuid_module.UUID, using: str, cursor: CursorWrapper) -> ModelT:
     """The entity, read with ``SELECT ... FOR UPDATE`` through its default manager, as
     ``select_for_update().get(uuid=key)`` reads it (``DoesNotExist`` if there is none)."""
     select = _locking_select(model, using)
     if select is None:
         return model._default_manager.using(using).select_for_update().get(uuid=key)
-    return select.get(model, key, using)
+    return select.get(model, key, using, cursor)
 
 
 @dataclass(frozen=True)
@@ -242,11 +247,9 @@ class _LockingSelect:
     attnames: tuple[str, ...]
     uuid_field: models.Field
 
-    def get(self, model: type[ModelT], key: uuid_module.UUID, using: str) -> ModelT:
-        connection = connections[using]
-        with connection.cursor() as cursor:
-            cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, connection)])
-            rows = cursor.fetchall()
+    def get(self, model: type[ModelT], key: uuid_module.UUID, using: str, cursor: CursorWrapper) -> ModelT:
+        cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, connections[using])])
+        rows = cursor.fetchall()
         if not rows:
             raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
         if len(rows) > 1:
@@ -380,7 +383,9 @@ def _set_by_every_save(field: models.Field) -> bool:
     return getattr(field, "auto_now", False) or type(field).pre_save not in _PLAIN_PRE_SAVES
 
 
-def _save(entity: models.Model, using: str, update_fields: list[str]) -> None:
+def _save(
+    entity: models.Model, using: str, update_fields: list[str], cursor: CursorWrapper | None = None
+) -> None:
     """``entity.save(update_fields=update_fields)``, with the UPDATE compiled once.
 
     For a model whose saving is Django's own (``_plain_save``) this does what
@@ -400,7 +405,7 @@ def _save(entity: models.Model, using: str, update_fields: list[str]) -> None:
     fields = frozenset(update_fields)
     pre_save.send(sender=model, instance=entity, raw=False, using=using, update_fields=fields)
     with transaction.mark_for_rollback_on_error(using=using):
-        if not _update_compiled(entity, using, fields):
+        if not _update_compiled(entity, using, fields, cursor):
             entity._save_table(cls=model, using=using, update_fields=fields)  # type: ignore[attr-defined]
     entity._state.db = using
     entity._state.adding = False
@@ -426,7 +431,9 @@ def _plain_save(model: type[models.Model]) -> bool:
     )
 
 
-def _update_compiled(entity: models.Model, using: str, update_fields: frozenset[str]) -> bool:
+def _update_compiled(
+    entity: models.Model, using: str, update_fields: frozenset[str], cursor: CursorWrapper | None = None
+) -> bool:
     """Run the UPDATE of ``update_fields`` by primary key as the ORM would send it,
     from a statement compiled once; ``False`` (nothing sent) where the ORM must build it.
 
@@ -457,9 +464,11 @@ def _update_compiled(entity: models.Model, using: str, update_fields: frozenset[
     if compiled is None:
         return False
     statement, nulls_are_parameters = compiled
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params if nulls_are_parameters else [p for p in params if p is not None])
-        updated = cursor.rowcount
+    with contextlib.nullcontext(cursor) if cursor is not None else connection.cursor() as update_cursor:
+        update_cursor.execute(
+            statement, params if nulls_are_parameters else [p for p in params if p is not None]
+        )
+        updated = update_cursor.rowcount
     if not updated:
         error = getattr(model, "NotUpdated", DatabaseError)  # Django 6.1's, a DatabaseError
         raise error("Save with update_fields did not affect any rows.")
@@ -497,6 +506,7 @@ def _compile_update(
 def _write_history(
     entity: models.Model,
     using: str,
+    cursor: CursorWrapper,
     *,
     transition_name: str,
     source_state: str,
@@ -512,7 +522,7 @@ def _write_history(
     no use for it: the parents and related-fields checks, the ``RETURNING`` of its id
     (nobody reads it), the ``pre_save``/``post_save`` signals.
     """
-    content_type = ContentType.objects.db_manager(using).get_for_model(entity, for_concrete_model=False)
+    content_type = _content_types(using).get_for_model(entity, for_concrete_model=False)
     values = {
         "content_type_id": content_type.pk,
         "object_id": str(entity.pk),
@@ -529,18 +539,30 @@ def _write_history(
     if origin.user is None:
         # The values a new TransitionRecord(**values) would hold, without building one
         # (its fields' pre_save() return the value as it is: _history_insert checks).
-        params = [
-            field.get_db_prep_save(
-                values[field.attname] if field.attname in values else field.get_default(), connection
-            )
-            for field in fields
-        ]
+        # A str is its own database value in a text column (CharField, TextField).
+        params = []
+        for field in fields:
+            value = values[field.attname] if field.attname in values else field.get_default()
+            if type(value) is not str or type(field) not in _TEXT_FIELDS:
+                value = field.get_db_prep_save(value, connection)
+            params.append(value)
     else:
         record = TransitionRecord(**values)
         record.user = origin.user  # checks the user's type and database, as create() did
         params = [field.get_db_prep_save(field.pre_save(record, True), connection) for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(statement, params)
+    cursor.execute(statement, params)
+
+
+#: Field classes whose ``get_db_prep_save()`` of a ``str`` is that ``str`` (exactly
+#: these: a subclass may prepare values its own way).
+_TEXT_FIELDS = frozenset({models.CharField, models.TextField})
+
+
+@functools.cache
+def _content_types(using: str) -> Any:
+    """``ContentType.objects`` on the database ``using`` (``db_manager()`` copies the
+    manager on each call; the copies share its cache)."""
+    return ContentType.objects.db_manager(using)
 
 
 @functools.cache
@@ -709,6 +731,9 @@ def transition(
         public_signature = signature.replace(
             parameters=[p for p in signature.parameters.values() if p.name != ENTITY_ARGUMENT]
         )
+        # Whether a call binds depends only on how many positional arguments it has and
+        # which keywords: the shapes that bound once are not bound again.
+        bound_shapes: set[tuple[int, frozenset[str]]] = set()
 
         @functools.wraps(func)
         def run_with_transition(*args: Any, **kwargs: Any) -> Any:
@@ -722,17 +747,23 @@ def transition(
             entity_uuid = args[uuid_index]
             kwargs.pop(ENTITY_ARGUMENT, None)
             # Refuse a malformed call before anything is written.
-            try:
-                public_signature.bind(*args, **kwargs)
-            except TypeError as exc:
-                raise TypeError(f"{func.__qualname__}: {exc}") from None
+            shape = (len(args), frozenset(kwargs))
+            if shape not in bound_shapes:
+                try:
+                    public_signature.bind(*args, **kwargs)
+                except TypeError as exc:
+                    raise TypeError(f"{func.__qualname__}: {exc}") from None
+                bound_shapes.add(shape)
             task = running_task(run_with_transition)
             key = parse_entity_uuid(model, entity_uuid)
             marker_key = _marker_key(model, key, transition_name)
             applied = _applied(task, marker_key)
             if applied is None:
+                origin = (
+                    None if task is None else TransitionOrigin(str(task.name), str(task.request.id or ""))
+                )
                 try:
-                    entity = apply_transition(model, key, transition_name)
+                    entity = apply_transition(model, key, transition_name, origin=origin)
                 except TransitionNotPermitted:
                     resumed = _applied_by_this_message(model, key, transition_name, task)
                     if resumed is None:

@@ -133,7 +133,7 @@ def test_the_race_is_caught_without_the_row_lock(monkeypatch):
     monkeypatch.setattr(
         transitions,
         "_lock_entity",
-        lambda model, key, using: model._default_manager.using(using).get(uuid=key),
+        lambda model, key, using, cursor: model._default_manager.using(using).get(uuid=key),
     )
     volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
 

@@ -609,6 +609,21 @@ def test_malformed_call_is_refused_before_the_transition(mode):
     assert db_state(volume) == (S.UPDATE_SCHEDULED, "")
 
 
+@pytest.mark.django_db
+def test_a_malformed_call_is_refused_after_well_formed_ones(mode):
+    """Well-formed calls are remembered by their shape (how many positional arguments,
+    which keywords), not by their values: a call of another shape is still checked."""
+    ok, malformed = make_volume(S.UPDATE_SCHEDULED), make_volume(S.UPDATE_SCHEDULED)
+    with pytest.raises(ValueError, match="disk full"):  # the body ran: the call bound
+        run_task(mode, update_volume_no_on_error, str(ok.uuid))
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        run_task(mode, update_volume_no_on_error, str(malformed.uuid), "surplus")
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        run_task(mode, update_volume_no_on_error, str(malformed.uuid), surplus=1)
+    assert db_state(ok)[0] == S.UPDATING
+    assert db_state(malformed) == (S.UPDATE_SCHEDULED, "")
+
+
 # --- Calling conventions ---------------------------------------------------------------
 
 
