@@ -248,7 +248,7 @@ class _LockingSelect:
     uuid_field: models.Field
 
     def get(self, model: type[ModelT], key: uuid_module.UUID, using: str, cursor: CursorWrapper) -> ModelT:
-        cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, connections[using])])
+        cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, cursor.db)])
         rows = cursor.fetchall()
         if not rows:
             raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
@@ -444,14 +444,14 @@ def _update_compiled(
     that call must be the values computed here (with or without the ``None`` ones), or
     that statement is never used."""
     model = type(entity)
-    connection = connections[using]
+    connection = connections[using] if cursor is None else cursor.db
     columns = [field for field in model._meta.local_concrete_fields if field.name in update_fields]
     values = [field.pre_save(entity, False) for field in columns]
     params = []
     for field, value in zip(columns, values, strict=True):
         if hasattr(value, "resolve_expression") or hasattr(value, "prepare_database_save"):
             return False
-        prepared = field.get_db_prep_save(value, connection)
+        prepared = _db_value(field, value, connection)
         if hasattr(prepared, "as_sql"):
             return False
         params.append(prepared)
@@ -535,17 +535,16 @@ def _write_history(
         "error_message": error_message,
     }
     statement, fields = _history_insert(using)
-    connection = connections[using]
+    connection = cursor.db
     if origin.user is None:
         # The values a new TransitionRecord(**values) would hold, without building one
         # (its fields' pre_save() return the value as it is: _history_insert checks).
-        # A str is its own database value in a text column (CharField, TextField).
-        params = []
-        for field in fields:
-            value = values[field.attname] if field.attname in values else field.get_default()
-            if type(value) is not str or type(field) not in _TEXT_FIELDS:
-                value = field.get_db_prep_save(value, connection)
-            params.append(value)
+        params = [
+            _db_value(
+                field, values[field.attname] if field.attname in values else field.get_default(), connection
+            )
+            for field in fields
+        ]
     else:
         record = TransitionRecord(**values)
         record.user = origin.user  # checks the user's type and database, as create() did
@@ -553,9 +552,28 @@ def _write_history(
     cursor.execute(statement, params)
 
 
-#: Field classes whose ``get_db_prep_save()`` of a ``str`` is that ``str`` (exactly
-#: these: a subclass may prepare values its own way).
-_TEXT_FIELDS = frozenset({models.CharField, models.TextField})
+def _db_value(field: models.Field, value: Any, connection: Any) -> Any:
+    """``field.get_db_prep_save(value, connection)``; a ``str`` for a text field that
+    prepares values as ``CharField`` or ``TextField`` do is that ``str`` (it saves a
+    handful of calls per value on the hot path)."""
+    field_class: Any = type(field)  # a class is hashable; the stubs' Field type says not
+    if type(value) is str and _str_is_its_db_value(field_class):
+        return value
+    return field.get_db_prep_save(value, connection)
+
+
+@functools.cache
+def _str_is_its_db_value(field_class: Any) -> bool:
+    """Whether ``get_db_prep_save()`` of a ``str`` returns it unchanged for this field
+    class: a ``CharField`` or ``TextField`` (django-fsm's ``FSMField`` is one) that
+    overrides none of the methods it goes through."""
+    for text_field in (models.CharField, models.TextField):
+        if issubclass(field_class, text_field) and all(
+            getattr(field_class, name) is getattr(text_field, name)
+            for name in ("get_db_prep_save", "get_db_prep_value", "get_prep_value", "to_python")
+        ):
+            return True
+    return False
 
 
 @functools.cache

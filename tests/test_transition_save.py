@@ -34,11 +34,13 @@ from task_workflow.models import TransitionRecord
 from task_workflow.tasks import apply_transition
 from task_workflow.transitions import (
     _changed,
+    _db_value,
     _locking_select,
     _plain_save,
     _save,
     _save_plan,
     _set_by_every_save,
+    _str_is_its_db_value,
     _update_statements,
 )
 from tests.test_transitions import statements, updated_columns
@@ -409,6 +411,25 @@ class LastModifiedField(models.DateTimeField):
 )
 def test_fields_a_save_may_set_are_always_saved(field, expected):
     assert _set_by_every_save(field) is expected
+
+
+class UpperCaseField(models.CharField):
+    """A text field that prepares its values its own way."""
+
+    def get_prep_value(self, value):  # pragma: no cover - never saved here
+        return super().get_prep_value(value).upper()
+
+
+def test_a_str_is_passed_as_it_is_only_to_text_fields_that_prepare_it_as_django_does():
+    assert _str_is_its_db_value(models.CharField)
+    assert _str_is_its_db_value(models.TextField)
+    assert _str_is_its_db_value(FSMField)
+    assert _str_is_its_db_value(models.SlugField)
+    assert not _str_is_its_db_value(UpperCaseField)
+    assert not _str_is_its_db_value(models.IntegerField)
+    assert not _str_is_its_db_value(models.UUIDField)
+    assert _db_value(UpperCaseField(), "a", connection) == "A"
+    assert _db_value(models.CharField(), "a", connection) == "a"
 
 
 def test_the_save_plan_of_volume():
