@@ -393,7 +393,7 @@ def _save(
     field's ``pre_save()`` and ``get_db_prep_save()``, the UPDATE by primary key (an
     error if it matched no row), the instance's ``_state``, ``post_save`` with
     ``created=False`` and the ``update_fields``. Only building and compiling the UPDATE
-    is left out, when ``_compiled_update`` has the statement for these fields. A value
+    is left out, when ``_update_compiled`` has the statement for these fields. A value
     that is an expression, or anything the statement was not checked for, goes through
     the ORM's own ``_save_table()`` at the same point instead.
     """
