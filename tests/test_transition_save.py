@@ -262,7 +262,11 @@ def test_a_none_value_is_saved_by_the_statement_the_orm_sends_for_it():
     assert sent[2][0] == sent[3][0]
     assert sent[2][1][:-1] == sent[3][1][:-1]  # the same values; the primary keys differ
     # Both went through a compiled statement, one per set of None values.
-    shapes = {key[3]: compiled for key, compiled in _update_statements.items() if key[0] is TransitionRecord}
+    shapes = {
+        key[3]: compiled
+        for key, compiled in _update_statements.items()
+        if key[0] is TransitionRecord and key[2] == tuple(fields)
+    }
     assert None not in shapes.values()
     assert len(shapes) == 2
     assert TransitionRecord.objects.values_list("entity_uuid", "task_name").get(pk=record.pk) == (
