@@ -24,11 +24,11 @@ from celery import shared_task
 from celery.signals import task_postrun
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from example_project.models import Instance
-from task_workflow.models import TransitionRecord
+from task_workflow import transitions
 from task_workflow.tasks import throttle, transition
 
 #: Throttle groups and slots per group of the throttled variants.
@@ -95,14 +95,16 @@ def sql_floor(instance_uuid: str, round_key: str, total: int) -> None:
     ``SELECT ... FOR UPDATE``, ``UPDATE`` of the state, the history ``INSERT``,
     ``COMMIT``) through the worker's own psycopg connection, with Django's adapters, after
     the connection's health check as the ORM's first query of a task has it; no ORM, no
-    django-fsm, no decorator."""
+    django-fsm, no decorator. The locking read and the INSERT are the very statements
+    ``apply_transition`` compiles; the UPDATE is the one it sends for this transition."""
+    lock, update, (insert, insert_fields) = _floor_statements()
     connection.ensure_connection()
     raw = connection.connection
     now = timezone.now()
     with raw.transaction(), raw.cursor() as cursor:
-        cursor.execute(_floor_sql("lock"), [uuid.UUID(instance_uuid)])
+        cursor.execute(lock, [uuid.UUID(instance_uuid)])
         (row,) = cursor.fetchall()
-        cursor.execute(_floor_sql("update"), [Instance.States.STOPPING, now, row[0]])
+        cursor.execute(update, [Instance.States.STOPPING, now, row[0]])
         values = {
             "content_type_id": _instance_content_type_id(),
             "object_id": str(row[0]),
@@ -116,27 +118,19 @@ def sql_floor(instance_uuid: str, round_key: str, total: int) -> None:
             "error_message": "",
             "created_at": now,
         }
-        cursor.execute(_floor_sql("insert"), [values[column] for column in _HISTORY_COLUMNS])
-
-
-_HISTORY_COLUMNS = (
-    "content_type_id", "object_id", "entity_uuid", "transition", "source_state", "target_state",
-    "task_name", "task_id", "user_id", "error_message", "created_at",
-)  # fmt: skip
+        cursor.execute(insert, [values[field.attname] for field in insert_fields])
 
 
 @functools.cache
-def _floor_sql(kind: str) -> str:
-    """The statements of ``sql_floor``, written as Django writes them for these tables."""
+def _floor_statements() -> tuple[str, str, tuple[str, Any]]:
+    """(the locking read, the UPDATE, (the history INSERT, its fields)) of ``sql_floor``."""
+    with transaction.atomic():  # select_for_update() compiles only in a transaction
+        lock = transitions._locking_select(Instance, "default")
+    if lock is None or lock.attnames[:2] != ("id", "uuid"):
+        raise RuntimeError(f"sql_floor expects the compiled locking read of Instance, got {lock!r}")
     table = Instance._meta.db_table
-    if kind == "lock":
-        columns = ", ".join(f'"{table}"."{field.column}"' for field in Instance._meta.concrete_fields)
-        return f'SELECT {columns} FROM "{table}" WHERE "{table}"."uuid" = %s LIMIT 21 FOR UPDATE'
-    if kind == "update":
-        return f'UPDATE "{table}" SET "state" = %s, "state_changed_at" = %s WHERE "{table}"."id" = %s'
-    history = TransitionRecord._meta.db_table
-    columns = ", ".join(f'"{column}"' for column in _HISTORY_COLUMNS)
-    return f'INSERT INTO "{history}" ({columns}) VALUES ({", ".join(["%s"] * len(_HISTORY_COLUMNS))})'
+    update = f'UPDATE "{table}" SET "state" = %s, "state_changed_at" = %s WHERE "{table}"."id" = %s'
+    return lock.sql, update, transitions._history_insert("default")
 
 
 @functools.cache

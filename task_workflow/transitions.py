@@ -12,7 +12,6 @@ commits, and only then calls the body with ``transition_entity=`` the saved inst
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import inspect
@@ -63,11 +62,15 @@ class TransitionOrigin:
     user: Any = None
 
     @classmethod
-    def from_running_task(cls) -> TransitionOrigin:
-        task = running_task()
+    def of_task(cls, task: Task | None) -> TransitionOrigin:
+        """The task's name and id; empty for ``None``."""
         if task is None:
             return cls()
         return cls(task_name=str(task.name), task_id=str(task.request.id or ""))
+
+    @classmethod
+    def from_running_task(cls) -> TransitionOrigin:
+        return cls.of_task(running_task())
 
 
 def _marker_key(model: type[models.Model], entity_uuid: uuid_module.UUID, transition_name: str) -> str:
@@ -383,9 +386,7 @@ def _set_by_every_save(field: models.Field) -> bool:
     return getattr(field, "auto_now", False) or type(field).pre_save not in _PLAIN_PRE_SAVES
 
 
-def _save(
-    entity: models.Model, using: str, update_fields: list[str], cursor: CursorWrapper | None = None
-) -> None:
+def _save(entity: models.Model, using: str, update_fields: list[str], cursor: CursorWrapper) -> None:
     """``entity.save(update_fields=update_fields)``, with the UPDATE compiled once.
 
     For a model whose saving is Django's own (``_plain_save``) this does what
@@ -432,7 +433,7 @@ def _plain_save(model: type[models.Model]) -> bool:
 
 
 def _update_compiled(
-    entity: models.Model, using: str, update_fields: frozenset[str], cursor: CursorWrapper | None = None
+    entity: models.Model, using: str, update_fields: frozenset[str], cursor: CursorWrapper
 ) -> bool:
     """Run the UPDATE of ``update_fields`` by primary key as the ORM would send it,
     from a statement compiled once; ``False`` (nothing sent) where the ORM must build it.
@@ -444,7 +445,7 @@ def _update_compiled(
     that call must be the values computed here (with or without the ``None`` ones), or
     that statement is never used."""
     model = type(entity)
-    connection = connections[using] if cursor is None else cursor.db
+    connection = cursor.db
     columns = [field for field in model._meta.local_concrete_fields if field.name in update_fields]
     values = [field.pre_save(entity, False) for field in columns]
     params = []
@@ -464,11 +465,8 @@ def _update_compiled(
     if compiled is None:
         return False
     statement, nulls_are_parameters = compiled
-    with contextlib.nullcontext(cursor) if cursor is not None else connection.cursor() as update_cursor:
-        update_cursor.execute(
-            statement, params if nulls_are_parameters else [p for p in params if p is not None]
-        )
-        updated = update_cursor.rowcount
+    cursor.execute(statement, params if nulls_are_parameters else [p for p in params if p is not None])
+    updated = cursor.rowcount
     if not updated:
         error = getattr(model, "NotUpdated", DatabaseError)  # Django 6.1's, a DatabaseError
         raise error("Save with update_fields did not affect any rows.")
@@ -534,21 +532,17 @@ def _write_history(
         "task_id": origin.task_id,
         "error_message": error_message,
     }
-    statement, fields = _history_insert(using)
-    connection = cursor.db
-    if origin.user is None:
-        # The values a new TransitionRecord(**values) would hold, without building one
-        # (its fields' pre_save() return the value as it is: _history_insert checks).
-        params = [
-            _db_value(
-                field, values[field.attname] if field.attname in values else field.get_default(), connection
-            )
-            for field in fields
-        ]
-    else:
+    if origin.user is not None:
         record = TransitionRecord(**values)
         record.user = origin.user  # checks the user's type and database, as create() did
-        params = [field.get_db_prep_save(field.pre_save(record, True), connection) for field in fields]
+        values["user_id"] = record.user_id
+    statement, fields = _history_insert(using)
+    # What a new TransitionRecord(**values) holds, read without building one: its fields'
+    # pre_save() return the value as it is (_history_insert checks).
+    params = [
+        _db_value(field, values[field.attname] if field.attname in values else field.get_default(), cursor.db)
+        for field in fields
+    ]
     cursor.execute(statement, params)
 
 
@@ -777,9 +771,9 @@ def transition(
             marker_key = _marker_key(model, key, transition_name)
             applied = _applied(task, marker_key)
             if applied is None:
-                origin = (
-                    None if task is None else TransitionOrigin(str(task.name), str(task.request.id or ""))
-                )
+                # Without a task of its own the body may run inside another task's:
+                # apply_transition then attributes it to whichever task is running.
+                origin = None if task is None else TransitionOrigin.of_task(task)
                 try:
                     entity = apply_transition(model, key, transition_name, origin=origin)
                 except TransitionNotPermitted:

@@ -251,12 +251,12 @@ def test_a_none_value_is_saved_by_the_statement_the_orm_sends_for_it():
     )
     fields = ["entity_uuid", "task_name"]
     new_uuid = uuid.uuid4()
-    with transaction.atomic(), sent_statements("UPDATE") as sent:
-        _save(record, "default", fields)
+    with transaction.atomic(), sent_statements("UPDATE") as sent, connection.cursor() as cursor:
+        _save(record, "default", fields, cursor)
         other.save(update_fields=fields)
         record.entity_uuid = other.entity_uuid = new_uuid
         record.task_name = other.task_name = "tests.save"
-        _save(record, "default", fields)
+        _save(record, "default", fields, cursor)
         other.save(update_fields=fields)
     assert sent[0][0] == sent[1][0]
     assert sent[2][0] == sent[3][0]
