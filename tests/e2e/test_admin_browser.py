@@ -34,7 +34,7 @@ from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle
 from task_workflow.throttle import HeldSlot, get_backend
 from tests.testapp.tasks import hold_slot
-from tests.workers import ARTIFACTS_DIR, ROOT, WorkerProcess
+from tests.workers import ARTIFACTS_DIR, HANG_TIMEOUT, ROOT, WorkerProcess
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -51,7 +51,7 @@ CHROMIUM_ARGS = [
 DOCS_DIR = ROOT / "docs"
 PASSWORD = "correct horse battery staple"
 #: Upper bound for a worker to pick up a task or run the example chain (~0.5 s).
-TIMEOUT = 90.0  # a budget for a hang, not a speed: a loaded CI machine is slow
+TIMEOUT = HANG_TIMEOUT
 
 
 def screenshot(page: Page, name: str, docs_name: str | None = None) -> Path:

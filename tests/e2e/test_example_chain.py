@@ -17,13 +17,14 @@ import pytest
 from example_project.backend import FAILING_PREFIX
 from example_project.models import Instance
 from example_project.tasks import start_instance, stop_instance
+from tests.workers import HANG_TIMEOUT
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
 States = Instance.States
 
 #: Upper bound for a chain that takes a few tenths of a second (backend delay 0.2 s).
-TIMEOUT = 90.0  # a budget for a hang, not a speed: a loaded CI machine is slow
+TIMEOUT = HANG_TIMEOUT
 
 
 @pytest.fixture(autouse=True)

@@ -50,7 +50,7 @@ from task_workflow.throttle import (
 )
 from tests.testapp import throttle_tasks
 from tests.testapp.throttle_tasks import max_overlap, read_records, recorder
-from tests.workers import RedisServer, TaskEvents, WorkerProcess, free_port, start_workers
+from tests.workers import HANG_TIMEOUT, RedisServer, TaskEvents, WorkerProcess, free_port, start_workers
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -64,7 +64,7 @@ DATABASE_CACHE_TABLE = "task_workflow_test_locks"
 DATABASE_CACHE_ALIAS = "e2e_throttle_db_locks"
 
 #: Upper bound for anything a worker does here in well under a second.
-TIMEOUT = 90.0  # a budget for a hang, not a speed: a loaded CI machine is slow
+TIMEOUT = HANG_TIMEOUT
 
 
 # -- where the slots live --------------------------------------------------------------------

@@ -17,12 +17,12 @@ from task_workflow.tasks import TransitionOrigin, apply_transition, throttle
 from tests.testapp import guard_tasks
 from tests.testapp.models import BodyRun, Volume
 from tests.testapp.throttle_tasks import recorder
-from tests.workers import TaskEvents
+from tests.workers import HANG_TIMEOUT, TaskEvents
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
 S = Volume.States
-TIMEOUT = 90.0  # a budget for a hang, not a speed: a loaded CI machine is slow
+TIMEOUT = HANG_TIMEOUT
 
 
 @pytest.fixture(autouse=True)
