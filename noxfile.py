@@ -89,7 +89,7 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
     session.run("pytest", "-p", "no:cacheprovider", *session.posargs, env=env)
 
 
-@nox.session(venv_backend="uv|virtualenv")
+@nox.session
 @nox.parametrize(
     ("python", "django", "deps"),
     [
