@@ -68,9 +68,8 @@ from tests.faults.netns import (
     run_namespaces,
 )
 from tests.faults.proxy import ProxyControl, ProxyProcess, RouteSpec
-
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR") or ROOT / "test-artifacts")
+from tests.workers import ARTIFACTS_DIR as ARTIFACTS
+from tests.workers import ROOT
 
 #: The machine's PostgreSQL (the campaign's own connections, from the root namespace).
 POSTGRES_HOST, POSTGRES_PORT, POSTGRES_USER = "127.0.0.1", 5432, "postgres"
