@@ -91,34 +91,39 @@ def transitioned(
 
 @shared_task(name=f"{PREFIX}sql_floor")
 def sql_floor(instance_uuid: str, round_key: str, total: int) -> None:
-    """Informational, the ceiling of ``@transition``: the statements it sends (``BEGIN``,
-    ``SELECT ... FOR UPDATE``, ``UPDATE`` of the state, the history ``INSERT``,
-    ``COMMIT``) through the worker's own psycopg connection, with Django's adapters, after
-    the connection's health check as the ORM's first query of a task has it; no ORM, no
-    django-fsm, no decorator. The locking read and the INSERT are the very statements
+    """Informational, the ceiling of ``@transition``: the messages it sends
+    (``BEGIN; SELECT ... FOR UPDATE``, ``UPDATE`` of the state, the history ``INSERT ...;
+    COMMIT``) through the worker's own psycopg connection, with Django's adapters; no
+    ORM, no django-fsm, no decorator, and, as ``@transition`` has it, no health check of
+    its own. The locking read and the INSERT are the very statements
     ``apply_transition`` compiles; the UPDATE is the one it sends for this transition."""
     lock, update, (insert, insert_fields) = _floor_statements()
     connection.ensure_connection()
-    raw = connection.connection
+    raw = connection.connection  # in autocommit between transactions, as Django leaves it
     now = timezone.now()
-    with raw.transaction(), raw.cursor() as cursor:
-        cursor.execute(lock, [uuid.UUID(instance_uuid)])
-        (row,) = cursor.fetchall()
-        cursor.execute(update, [Instance.States.STOPPING, now, row[0]])
-        values = {
-            "content_type_id": _instance_content_type_id(),
-            "object_id": str(row[0]),
-            "entity_uuid": row[1],
-            "transition": "begin_stopping",
-            "source_state": Instance.States.ONLINE,
-            "target_state": Instance.States.STOPPING,
-            "task_name": sql_floor.name,
-            "task_id": sql_floor.request.id or "",
-            "user_id": None,
-            "error_message": "",
-            "created_at": now,
-        }
-        cursor.execute(insert, [values[field.attname] for field in insert_fields])
+    with raw.cursor() as cursor:
+        try:
+            cursor.execute("BEGIN; " + lock, [uuid.UUID(instance_uuid)])
+            cursor.nextset()
+            (row,) = cursor.fetchall()
+            cursor.execute(update, [Instance.States.STOPPING, now, row[0]])
+            values = {
+                "content_type_id": _instance_content_type_id(),
+                "object_id": str(row[0]),
+                "entity_uuid": row[1],
+                "transition": "begin_stopping",
+                "source_state": Instance.States.ONLINE,
+                "target_state": Instance.States.STOPPING,
+                "task_name": sql_floor.name,
+                "task_id": sql_floor.request.id or "",
+                "user_id": None,
+                "error_message": "",
+                "created_at": now,
+            }
+            cursor.execute(insert + "; COMMIT", [values[field.attname] for field in insert_fields])
+        except BaseException:
+            raw.rollback()
+            raise
 
 
 @functools.cache

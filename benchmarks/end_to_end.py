@@ -17,7 +17,8 @@ explicitly, whatever the example settings say:
 - *recommended* (docs/howto/production.md): the worker keeps its database connection across
   tasks (``CELERY_DB_REUSE_MAX = 1000``, ``CONN_MAX_AGE = 600``, ``CONN_HEALTH_CHECKS``), and
   ``example_project/celery.py`` runs ``close_old_connections()`` around each task (so each
-  task's first query is preceded by the health check's ``SELECT 1``);
+  task's first use of the connection checks it: a ``SELECT 1`` of its own, or, for
+  ``@transition``, its first statement);
 - *default*: Celery's default: its Django fixup closes the connection before and after
   every task (``CELERY_DB_REUSE_MAX`` unset, ``CONN_MAX_AGE = 0``), so a task that touches
   the database connects again;
@@ -45,10 +46,10 @@ SIGTERM from the kernel if this process dies first (``PR_SET_PDEATHSIG``).
 - ``both``: ``@throttle(concurrency=4)`` over ``@transition(...)``, 20 task names;
 - ``throttle_key`` (informational): ``with throttle(key=f"k{i % 20}", concurrency=4)`` in the
   body, the context-manager form;
-- ``sql_floor`` (informational): the statements ``@transition`` sends (``BEGIN``, ``SELECT ...
+- ``sql_floor`` (informational): the messages ``@transition`` sends (``BEGIN; SELECT ...
   FOR UPDATE``, ``UPDATE``, history ``INSERT``, ``COMMIT``) through the worker's own psycopg
-  connection after Django's health check, on fresh rows like ``transition``: no ORM, no
-  django-fsm, no decorator. Its ratio is the most ``@transition`` could reach on the machine.
+  connection, on fresh rows like ``transition``: no ORM, no django-fsm, no decorator. Its
+  ratio is the most ``@transition`` could reach on the machine.
 
 With 6 processes and 20 groups of 4 slots a task never waits for a slot: the throttle
 figures are its overhead, not throttling.

@@ -15,9 +15,11 @@ Two variants move an example ``Instance`` from ``online`` to ``stopping``:
 - ``raw SQL``: the statements ``apply_transition`` sent for that same row, replayed
   through a psycopg 3 connection of its own: same SQL text, same parameters, same
   cursor kind as Django's (client-side binding unless ``server_side_binding`` is on in
-  ``OPTIONS``, the same ``prepare_threshold``), same adapters, the same implicit
-  ``BEGIN`` and an explicit ``COMMIT``, fetching every result row. That is the floor:
-  the round trips and the server's work, without the ORM.
+  ``OPTIONS``, the same ``prepare_threshold``), same adapters, the same ``BEGIN`` (in
+  the first statement's message, ``BEGIN; SELECT ... FOR UPDATE``, where
+  ``apply_transition`` sends it so; else psycopg's implicit one) and a ``COMMIT``,
+  fetching every result row. That is the floor: the round trips and the server's work,
+  without the ORM.
 
 The replayed statements are captured, untimed, before the rounds: one
 ``apply_transition`` per row inside ``connection.execute_wrapper``, which sees the SQL
@@ -169,15 +171,25 @@ def capture(instance_uuid: str) -> list[Statement]:
 
 
 def replay(raw: Any, statements: list[Statement]) -> None:
-    """The floor: the same statements, one cursor, every result row fetched, COMMIT."""
+    """The floor: the same statements, one cursor, every result row fetched, COMMIT.
+
+    A first statement that opens the transaction itself (``BEGIN; ...``) is sent in
+    autocommit, so that psycopg sends no ``BEGIN`` of its own; ``commit()`` ends the
+    transaction the server has open either way."""
+    opens_itself = statements[0][0].startswith("BEGIN")
+    if raw.autocommit != opens_itself:
+        raw.autocommit = opens_itself
     with raw.cursor() as cursor:
         for sql, params, many in statements:
             if many:
                 cursor.executemany(sql, params)
             else:
                 cursor.execute(sql, params)
-            if cursor.description is not None:
-                cursor.fetchall()
+            while True:  # BEGIN; SELECT ...: two results
+                if cursor.description is not None:
+                    cursor.fetchall()
+                if not cursor.nextset():
+                    break
     raw.commit()
 
 
@@ -301,7 +313,7 @@ def print_report(result: dict[str, Any], rounds: int, ops: int) -> None:
     print("statements per transition on the wire (identical for both variants):")
     for statement in result["wire"]:
         kind = classify(statement.split(" ", 1)[1])
-        print(f"  {kind:<22} {statement if len(statement) <= 110 else statement[:107] + '...'}")
+        print(f"  {kind:<30} {statement if len(statement) <= 110 else statement[:107] + '...'}")
     floor = summarize(samples[RAW])[0]
     print(f"{'variant':<18}{'median ms/op':>14}{'p90':>9}{'min':>9}{'vs raw':>9}")
     for name in (ORM, RAW):

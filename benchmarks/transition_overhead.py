@@ -159,6 +159,13 @@ def roundtrip_us(n: int = 2000) -> float:
 
 def classify(sql: str) -> str:
     text = sql.lstrip().upper()
+    # Statements sharing a message (apply_transition's own transaction):
+    # BEGIN; SELECT ... FOR UPDATE, and INSERT ...; COMMIT.
+    if text.startswith("BEGIN") and ";" in text:
+        first, rest = text.split(";", 1)
+        return f"{classify(first)} + {classify(rest)}"
+    if text.endswith("; COMMIT"):
+        return f"{classify(text.removesuffix('; COMMIT'))} + COMMIT"
     if text.startswith("SELECT") and "FOR UPDATE" in text:
         return "SELECT ... FOR UPDATE"
     for keyword in ("SELECT", "UPDATE", "INSERT", "DELETE", "BEGIN", "COMMIT", "ROLLBACK"):

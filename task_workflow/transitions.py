@@ -25,13 +25,22 @@ from typing import Any, TypeVar, cast
 from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from django.contrib.contenttypes.models import ContentType
-from django.db import DatabaseError, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.backends.utils import CursorWrapper
 from django.db.models.query import MAX_GET_RESULTS
 from django.db.models.signals import post_save, pre_save
 from django.db.models.sql import InsertQuery, UpdateQuery
 from django_fsm import TransitionNotAllowed
 
+from . import own_transaction
 from .conf import get_setting
 from .exceptions import EntityNotFound, ImproperlyDecorated, InvalidEntityUuid, TransitionNotPermitted
 from .models import TransitionRecord
@@ -194,6 +203,43 @@ def apply_transition(
     key = parse_entity_uuid(model, entity_uuid)
     plan = _save_plan(model, transition_name)
     using = router.db_for_write(model)
+    connection = connections[using]
+    checked = own_transaction.defer_health_check(connection)
+    arguments = (model, key, transition_name, plan, using, error_message, origin, method_kwargs)
+    if checked is None:
+        return _apply_locked(*arguments, checked=False)
+    try:
+        return _apply_locked(*arguments, checked=True)
+    except _FirstStatementFailed as failed:
+        if not own_transaction.connection_died(connection, checked):
+            raise failed.error from None
+        logger.info("%s: the database connection had died since its last use; reconnected", model._meta.label)
+    # Nothing was written: the transaction ended with its first statement.
+    return _apply_locked(*arguments, checked=False)
+
+
+class _FirstStatementFailed(Exception):
+    """The locked read, a transaction's first statement and its health check, failed."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _apply_locked(
+    model: type[ModelT],
+    key: uuid_module.UUID,
+    transition_name: str,
+    plan: _SavePlan,
+    using: str,
+    error_message: str | None,
+    origin: TransitionOrigin | None,
+    method_kwargs: Mapping[str, Any] | None,
+    *,
+    checked: bool,
+) -> ModelT:
+    """``apply_transition`` in one transaction; ``checked``: its first statement is the
+    connection's health check (a failure raises ``_FirstStatementFailed``)."""
     # One cursor for the transaction's own statements (the locked read, the UPDATE, the
     # history INSERT): a Django cursor costs as much Python as a statement sent with it.
     with transaction.atomic(using=using), connections[using].cursor() as cursor:
@@ -201,6 +247,10 @@ def apply_transition(
             entity = _lock_entity(model, key, using, cursor)
         except model.DoesNotExist:  # type: ignore[attr-defined]
             raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
+        except (OperationalError, InterfaceError) as exc:
+            if checked:
+                raise _FirstStatementFailed(exc) from exc
+            raise
         loaded = plan.snapshot(entity)
         current_state = entity.state  # type: ignore[attr-defined]
         if error_message is not None and hasattr(entity, "error_message"):
@@ -251,7 +301,10 @@ class _LockingSelect:
     uuid_field: models.Field
 
     def get(self, model: type[ModelT], key: uuid_module.UUID, using: str, cursor: CursorWrapper) -> ModelT:
-        cursor.execute(self.sql, [self.uuid_field.get_db_prep_value(key, cursor.db)])
+        begin = own_transaction.begin_prefix(cursor)
+        cursor.execute(begin + self.sql, [self.uuid_field.get_db_prep_value(key, cursor.db)])
+        if begin:
+            cursor.nextset()
         rows = cursor.fetchall()
         if not rows:
             raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")  # type: ignore[attr-defined]
@@ -511,7 +564,8 @@ def _write_history(
     origin: TransitionOrigin,
     error_message: str,
 ) -> None:
-    """Insert the transition's TransitionRecord.
+    """Insert the transition's TransitionRecord: the last statement of the transition's
+    transaction (in a transaction of its own, sent with the ``COMMIT``).
 
     The row is this app's own, written by nothing else, and its INSERT is the same
     statement every time: it is compiled once per database (``_history_insert``) and run
@@ -543,7 +597,8 @@ def _write_history(
         _db_value(field, values[field.attname] if field.attname in values else field.get_default(), cursor.db)
         for field in fields
     ]
-    cursor.execute(statement, params)
+    # The transaction's last statement: in a transaction of its own, the COMMIT goes with it.
+    cursor.execute(statement + own_transaction.commit_suffix(cursor), params)
 
 
 def _db_value(field: models.Field, value: Any, connection: Any) -> Any:
