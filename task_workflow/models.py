@@ -131,7 +131,14 @@ class TransitionRecord(models.Model):
     """One transition applied through task_workflow (task, errback or admin), written in
     the same transaction as the state change, so history and state never disagree."""
 
-    content_type = models.ForeignKey(ContentType, on_delete=models.CASCADE, related_name="+")
+    # No foreign key constraint in the database, and no index of its own (the entity index
+    # below starts with it): a constraint makes every transition's COMMIT lock the content
+    # type's row (FOR KEY SHARE), one row shared by all transitions of a model, which cost
+    # more server time than the history INSERT itself. The value comes from Django's
+    # ContentType cache, and on_delete runs in the ORM either way.
+    content_type = models.ForeignKey(
+        ContentType, on_delete=models.CASCADE, related_name="+", db_constraint=False, db_index=False
+    )
     # A string, so integer and UUID primary keys fit alike.
     object_id = models.CharField(max_length=64)
     entity = GenericForeignKey("content_type", "object_id")
