@@ -25,7 +25,7 @@ import multiprocessing
 import threading
 
 import pytest
-from celery import shared_task
+from celery import current_app, shared_task
 from django.db import connection, connections
 from django_fsm.signals import pre_transition
 
@@ -95,6 +95,9 @@ def run_contenders(volume: Volume):
 
     pre_transition.connect(widen_the_window, sender=Volume, weak=False, dispatch_uid="tests.race")
     connections.close_all()  # never fork a live database connection
+    # Nor a live broker connection: a child's after-fork cleanup would close the inherited
+    # channel and, if an earlier test left a BRPOP on it, wait for that reply for ever.
+    current_app.pool.force_close_all()
     processes = [
         context.Process(target=contend, args=(start, results, str(volume.uuid))) for _ in range(CONTENDERS)
     ]
