@@ -1137,6 +1137,10 @@ def test_database_backend_in_a_forked_child_uses_a_connection_of_its_own(db_back
 # --- Under contention --------------------------------------------------------------------
 
 
+#: Seconds a holder waits for the other slots to fill, until they first have.
+FILL_WAIT = 5.0
+
+
 def test_concurrent_holders_never_exceed_the_limit(backend):
     threads_count, cycles, concurrency = 16, 50, 3
     hold = 0.005
@@ -1152,6 +1156,7 @@ def test_concurrent_holders_never_exceed_the_limit(backend):
     errors: list[BaseException] = []
     start = threading.Barrier(threads_count)
     stop = threading.Event()
+    full = threading.Event()
 
     def worker():
         try:
@@ -1173,6 +1178,12 @@ def test_concurrent_holders_never_exceed_the_limit(backend):
                     state["current"] += 1
                     state["max"] = max(state["max"], state["current"])
                     fences.append(result.fencing_token)
+                    if state["current"] == concurrency:
+                        full.set()
+                # Until every slot was held at once, a holder keeps its slot for the others
+                # to fill them (a slow store would otherwise rarely overlap three holders);
+                # a backend that refuses below the limit never fills them and fails below.
+                full.wait(FILL_WAIT)
                 time.sleep(hold)
                 with lock:
                     state["current"] -= 1
