@@ -198,6 +198,11 @@ def apply_transition(
     ``save(update_fields=...)``. A model that saves the way Django's ``Model`` does (no
     ``save()`` of its own, one table) gets the same signals and the same UPDATE, from a
     statement compiled once instead of built by the ORM on every call.
+
+    Outside any transaction, on PostgreSQL with psycopg 3, the transaction goes as three
+    messages, and its first statement doubles as the connection's due health check
+    (:mod:`task_workflow.own_transaction`): a connection that died while idle is replaced
+    and the transition run once more (nothing was written).
     """
     check_transition_name(model, transition_name)
     key = parse_entity_uuid(model, entity_uuid)
