@@ -64,23 +64,33 @@ def connection_died(connection: BaseDatabaseWrapper, checked: Any) -> bool:
     return not connection.is_usable()
 
 
-def begin_prefix(cursor: CursorWrapper) -> str:
-    """``"BEGIN; "`` (with the connection's isolation level and access mode, as psycopg
-    writes them) to send ahead of the first statement of an outermost ``atomic()``, with
-    psycopg switched to autocommit so that it sends no ``BEGIN`` itself; ``""`` where
-    that does not apply (see the module docstring). Call it only for a statement sent
-    at once through ``cursor``."""
+def _outermost_client_side(cursor: CursorWrapper) -> Any:
+    """The psycopg 3 connection behind ``cursor`` when its statements can share messages:
+    a client-side binding cursor inside Django's outermost ``atomic()``, no savepoint,
+    nothing marked for rollback, ``AUTOCOMMIT`` on; else ``None``."""
     connection = cursor.db
     raw = connection.connection
     if (
         psycopg is None
         or not isinstance(cursor.cursor, psycopg.ClientCursor)
         or not isinstance(raw, psycopg.Connection)
-        or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE
         or len(connection.atomic_blocks) != 1
         or connection.savepoint_ids
+        or connection.needs_rollback
         or not connection.settings_dict["AUTOCOMMIT"]
     ):
+        return None
+    return raw
+
+
+def begin_prefix(cursor: CursorWrapper) -> str:
+    """``"BEGIN; "`` (with the connection's isolation level and access mode, as psycopg
+    writes them) to send ahead of the first statement of an outermost ``atomic()``, with
+    psycopg switched to autocommit so that it sends no ``BEGIN`` itself; ``""`` where
+    that does not apply (see the module docstring). Call it only for a statement sent
+    at once through ``cursor``."""
+    raw = _outermost_client_side(cursor)
+    if raw is None or raw.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         return ""
     parts = ["BEGIN"]
     if raw.isolation_level is not None:
@@ -94,18 +104,9 @@ def begin_prefix(cursor: CursorWrapper) -> str:
 def commit_suffix(cursor: CursorWrapper) -> str:
     """``"; COMMIT"`` to send after the last statement of a transaction that
     :func:`begin_prefix` opened (psycopg in autocommit inside Django's outermost
-    ``atomic()``, nothing else in it); ``""`` otherwise, and Django commits."""
-    connection = cursor.db
-    raw = connection.connection
-    if (
-        psycopg is None
-        or not isinstance(raw, psycopg.Connection)
-        or not raw.autocommit
-        or connection.get_autocommit()
-        or len(connection.atomic_blocks) != 1
-        or connection.savepoint_ids
-        or connection.needs_rollback
-        or not isinstance(cursor.cursor, psycopg.ClientCursor)
-    ):
+    ``atomic()``, which only that leaves so; nothing else in it); ``""`` otherwise, and
+    Django commits."""
+    raw = _outermost_client_side(cursor)
+    if raw is None or not raw.autocommit or cursor.db.get_autocommit():
         return ""
     return "; COMMIT"

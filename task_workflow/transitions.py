@@ -211,10 +211,8 @@ def apply_transition(
     connection = connections[using]
     checked = own_transaction.defer_health_check(connection)
     arguments = (model, key, transition_name, plan, using, error_message, origin, method_kwargs)
-    if checked is None:
-        return _apply_locked(*arguments, checked=False)
     try:
-        return _apply_locked(*arguments, checked=True)
+        return _apply_locked(*arguments, checked=checked is not None)
     except _FirstStatementFailed as failed:
         if not own_transaction.connection_died(connection, checked):
             raise failed.error from None

@@ -187,12 +187,13 @@ def test_the_begin_carries_the_connection_s_isolation_level():
     volume = make_volume()
     reused_connection()
     raw = connection.connection
+    configured = raw.isolation_level
     raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     try:
         with wire_queries() as sent:
             apply_transition(Volume, volume.uuid, "begin_updating")
     finally:
-        raw.isolation_level = None
+        raw.isolation_level = configured
     assert sent[0].startswith("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT "), sent
 
 
@@ -219,13 +220,17 @@ def test_a_first_statement_that_fails_on_a_live_connection_is_not_sent_again():
     """A lock timeout is no dead connection: the error is the caller's, once."""
     volume = make_volume()
     with connection.cursor() as cursor:
-        cursor.execute("SET lock_timeout = '100ms'")
-    reused_connection()
-    raw = connection.connection
-    with other_connection() as holder, holder.transaction():
-        holder.execute("SELECT 1 FROM testapp_volume WHERE id = %s FOR UPDATE", [volume.pk])
-        with wire_queries() as sent, pytest.raises(OperationalError, match="lock timeout"):
-            apply_transition(Volume, volume.uuid, "begin_updating")
+        cursor.execute("SET lock_timeout = '100ms'")  # this session's: reset below
+    try:
+        reused_connection()
+        raw = connection.connection
+        with other_connection() as holder, holder.transaction():
+            holder.execute("SELECT 1 FROM testapp_volume WHERE id = %s FOR UPDATE", [volume.pk])
+            with wire_queries() as sent, pytest.raises(OperationalError, match="lock timeout"):
+                apply_transition(Volume, volume.uuid, "begin_updating")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET lock_timeout")
     assert [query for query in sent if "FOR UPDATE" in query] == [sent[0]], sent
     assert connection.connection is raw
     assert connection.get_autocommit()

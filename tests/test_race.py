@@ -24,6 +24,7 @@ import contextlib
 import multiprocessing
 import threading
 
+import kombu.pools
 import pytest
 from celery import current_app, shared_task
 from django.db import connection, connections
@@ -96,8 +97,15 @@ def run_contenders(volume: Volume):
     pre_transition.connect(widen_the_window, sender=Volume, weak=False, dispatch_uid="tests.race")
     connections.close_all()  # never fork a live database connection
     # Nor a live broker connection: a child's after-fork cleanup would close the inherited
-    # channel and, if an earlier test left a BRPOP on it, wait for that reply for ever.
-    current_app.pool.force_close_all()
+    # channel and, if an earlier test left a BRPOP on it, wait for that reply for ever. So
+    # close every kombu pool here (the app's come from kombu's registry) and drop the app's
+    # references to them, as Celery's after-fork handler does (without its signal, which is
+    # for a child): later tests get new pools.
+    kombu.pools.reset()
+    app = current_app._get_current_object()
+    app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
     processes = [
         context.Process(target=contend, args=(start, results, str(volume.uuid))) for _ in range(CONTENDERS)
     ]
