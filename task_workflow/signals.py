@@ -4,7 +4,9 @@
 :class:`~task_workflow.throttle.SlotGroup` and ``lease`` = the
 :class:`~task_workflow.throttle.Lease`, in the process that holds the slot. They are sent
 with ``send_robust``: a receiver that raises is logged (logger ``django.dispatch``), and
-neither leaks the slot nor fails the guarded work.
+neither leaks the slot nor fails the guarded work. Both are sent while the store counts
+the slot as held (``slot_released`` just before the store is told), so for one group the
+holds seen between them never overlap beyond the limit.
 """
 
 from django.dispatch import Signal

@@ -654,6 +654,35 @@ def test_signals_are_sent_once_per_acquire_and_release(store):
     assert released == [(SlotGroup(name, "k"), lease)]
 
 
+def test_both_signals_are_sent_while_the_store_still_counts_the_slot_as_held(store):
+    """Invariant: receivers see a hold nested in the real one, so intervals between
+    ``slot_acquired`` and ``slot_released`` of one group never overlap beyond the limit
+    (a timeline built from them can be trusted); the released one comes before the store
+    can give the slot to the next caller."""
+    name = unique_name()
+    held_when_sent: dict[str, bool] = {}
+
+    def check(signal_name):
+        def receiver(sender, lease, **kwargs):
+            if sender.task_name == name:
+                tokens = {slot.token for slot in get_backend().held_slots() if slot.group == sender}
+                held_when_sent[signal_name] = lease.token in tokens
+
+        return receiver
+
+    on_acquired, on_released = check("acquired"), check("released")
+    slot_acquired.connect(on_acquired, weak=False)
+    slot_released.connect(on_released, weak=False)
+    try:
+        with throttle(name=name, key="k"):
+            pass
+    finally:
+        slot_acquired.disconnect(on_acquired)
+        slot_released.disconnect(on_released)
+
+    assert held_when_sent == {"acquired": True, "released": True}
+
+
 # --- Inside a task (eager apply) ---------------------------------------------------------
 
 

@@ -72,8 +72,11 @@ class Lease:
             return False
         self.released = True
         lease_renewer.discard(self)
+        # Sent while the slot is still ours, so that receivers (timelines, metrics) never
+        # see the next holder's ``slot_acquired`` before this one.
+        slot_released.send_robust(sender=self.group, lease=self)
         try:
-            released = self.backend.release(self.group, self.token, self.slot)
+            return self.backend.release(self.group, self.token, self.slot)
         except Exception:
             # The guarded work is done; failing the task now would lose its result. The
             # slot is no longer renewed, so it frees itself within one TTL.
@@ -81,9 +84,6 @@ class Lease:
                 "Could not release throttle slot of %s; it expires within %ss", self.group, self.ttl
             )
             return False
-        finally:
-            slot_released.send_robust(sender=self.group, lease=self)
-        return released
 
 
 class LeaseRenewer:
