@@ -683,6 +683,25 @@ def test_both_signals_are_sent_while_the_store_still_counts_the_slot_as_held(sto
     assert held_when_sent == {"acquired": True, "released": True}
 
 
+def test_a_slot_released_receiver_interrupted_by_a_base_exception_still_frees_the_slot(store):
+    """``send_robust`` stops ``Exception`` only; a worker shutdown (``SystemExit``) raised in
+    a receiver goes on up, and the store is still told."""
+    name = unique_name()
+
+    def interrupted(sender, lease, **kwargs):
+        if sender.task_name == name:
+            raise SystemExit("worker shutting down")
+
+    slot_released.connect(interrupted, weak=False)
+    try:
+        lease = throttle(name=name, key="k").acquire()
+        with pytest.raises(SystemExit):
+            lease.release()
+    finally:
+        slot_released.disconnect(interrupted)
+    assert [slot for slot in get_backend().held_slots() if slot.group.task_name == name] == []
+
+
 # --- Inside a task (eager apply) ---------------------------------------------------------
 
 

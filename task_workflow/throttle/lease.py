@@ -72,9 +72,15 @@ class Lease:
             return False
         self.released = True
         lease_renewer.discard(self)
-        # Sent while the slot is still ours, so that receivers (timelines, metrics) never
-        # see the next holder's ``slot_acquired`` before this one.
-        slot_released.send_robust(sender=self.group, lease=self)
+        try:
+            # Sent while the slot is still ours, so that receivers (timelines, metrics)
+            # never see the next holder's ``slot_acquired`` before this one.
+            slot_released.send_robust(sender=self.group, lease=self)
+        finally:
+            released = self._release_in_store()
+        return released
+
+    def _release_in_store(self) -> bool:
         try:
             return self.backend.release(self.group, self.token, self.slot)
         except Exception:
