@@ -209,12 +209,13 @@ def apply_transition(
     plan = _save_plan(model, transition_name)
     using = router.db_for_write(model)
     connection = connections[using]
-    checked = own_transaction.defer_health_check(connection)
+    # The DB-API connection whose due health check the first statement makes, or None.
+    checked_raw = own_transaction.defer_health_check(connection)
     arguments = (model, key, transition_name, plan, using, error_message, origin, method_kwargs)
     try:
-        return _apply_locked(*arguments, checked=checked is not None)
+        return _apply_locked(*arguments, checked=checked_raw is not None)
     except _FirstStatementFailed as failed:
-        if not own_transaction.connection_died(connection, checked):
+        if not own_transaction.connection_died(connection, checked_raw):
             raise failed.error from None
         logger.info("%s: the database connection had died since its last use; reconnected", model._meta.label)
     # Nothing was written: the transaction ended with its first statement.
