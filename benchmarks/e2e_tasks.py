@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
+import time
 import uuid
 from typing import Any
 
@@ -30,6 +32,7 @@ from django.utils import timezone
 from example_project.models import Instance
 from task_workflow import transitions
 from task_workflow.tasks import throttle, transition
+from task_workflow.throttle import SlotGroup, get_backend
 
 #: Throttle groups and slots per group of the throttled variants.
 KEYS, CONCURRENCY = 20, 4
@@ -148,6 +151,36 @@ def throttled_with_key(subject: int, round_key: str, total: int) -> None:
     """``with throttle(key=..., concurrency=4)`` around an empty body, 20 keys."""
     with throttle(key=f"k{subject % KEYS}", concurrency=CONCURRENCY):
         pass
+
+
+#: The slot groups of ``throttle_floor``: the ones ``@throttle`` makes for 20 task names.
+_FLOOR_GROUPS = [SlotGroup(f"{PREFIX}throttle_floor.{group}", None) for group in range(KEYS)]
+
+
+@shared_task(name=f"{PREFIX}throttle_floor")
+def throttle_floor(subject: int, round_key: str, total: int) -> None:
+    """Informational, the ceiling of ``@throttle``: the two calls it makes to the slot
+    store (the Redis backend's acquire and release scripts, on its own connections, with
+    a token and metadata of the same shape), and nothing else: no ``Lease``, no lease
+    renewer, no signals, no running-task lookup. 20 groups of 4 slots, as ``throttle``."""
+    group = _FLOOR_GROUPS[subject % KEYS]
+    backend = get_backend()
+    token = secrets.token_hex(16)
+    request = throttle_floor.request
+    metadata = {
+        "task_name": group.task_name,
+        "key": group.key,
+        "concurrency": CONCURRENCY,
+        "task_id": request.id,
+        "hostname": request.hostname,
+        "pid": os.getpid(),
+        "ttl": 60.0,
+        "acquired_at": time.time(),
+    }
+    result = backend.acquire(group, token, CONCURRENCY, 60.0, metadata)
+    if not result.acquired:
+        raise RuntimeError(f"throttle_floor: no free slot of {group}")
+    backend.release(group, token, result.slot)
 
 
 def _throttled(group: int) -> Any:

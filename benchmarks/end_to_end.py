@@ -49,7 +49,10 @@ SIGTERM from the kernel if this process dies first (``PR_SET_PDEATHSIG``).
 - ``sql_floor`` (informational): the messages ``@transition`` sends (``BEGIN; SELECT ...
   FOR UPDATE``, ``UPDATE``, history ``INSERT``, ``COMMIT``) through the worker's own psycopg
   connection, on fresh rows like ``transition``: no ORM, no django-fsm, no decorator. Its
-  ratio is the most ``@transition`` could reach on the machine.
+  ratio is the most ``@transition`` could reach on the machine;
+- ``throttle_floor`` (informational): the two calls ``@throttle`` makes to the slot store
+  (the Redis backend's acquire and release scripts), 20 groups of 4 as ``throttle``, with
+  no ``Lease``, lease renewer, signals or decorator: the most ``@throttle`` could reach.
 
 With 6 processes and 20 groups of 4 slots a task never waits for a slot: the throttle
 figures are its overhead, not throttling.
@@ -99,7 +102,7 @@ SETTINGS_MODULE = "benchmarks.e2e_settings"
 PROFILES = ("recommended", "default")
 #: ``async-commit``: for diagnosis only (``--profiles recommended,default,async-commit``).
 ALL_PROFILES = (*PROFILES, "async-commit")
-VARIANTS = ("bare", "throttle", "transition", "both", "throttle_key", "sql_floor")
+VARIANTS = ("bare", "throttle", "transition", "both", "throttle_key", "sql_floor", "throttle_floor")
 LABELS = {
     "bare": "bare task",
     "throttle": "@throttle (20 groups x 4)",
@@ -107,6 +110,7 @@ LABELS = {
     "both": "@throttle + @transition",
     "throttle_key": "with throttle(key=..) (20 keys x 4)",
     "sql_floor": "@transition's SQL, raw psycopg",
+    "throttle_floor": "@throttle's 2 store calls, no Lease",
 }
 #: Ratio to bare, in the recommended profile.
 GOALS = {"transition": 0.60, "throttle": 0.92, "both": 0.55}
