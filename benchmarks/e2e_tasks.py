@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from example_project.models import Instance
 from task_workflow import transitions
+from task_workflow.conf import get_setting
 from task_workflow.tasks import throttle, transition
 from task_workflow.throttle import SlotGroup, get_backend
 
@@ -166,6 +167,7 @@ def throttle_floor(subject: int, round_key: str, total: int) -> None:
     group = _FLOOR_GROUPS[subject % KEYS]
     backend = get_backend()
     token = secrets.token_hex(16)
+    ttl = float(get_setting("LOCK_TTL"))  # the lease @throttle takes
     request = throttle_floor.request
     metadata = {
         "task_name": group.task_name,
@@ -174,10 +176,10 @@ def throttle_floor(subject: int, round_key: str, total: int) -> None:
         "task_id": request.id,
         "hostname": request.hostname,
         "pid": os.getpid(),
-        "ttl": 60.0,
+        "ttl": ttl,
         "acquired_at": time.time(),
     }
-    result = backend.acquire(group, token, CONCURRENCY, 60.0, metadata)
+    result = backend.acquire(group, token, CONCURRENCY, ttl, metadata)
     if not result.acquired:
         raise RuntimeError(f"throttle_floor: no free slot of {group}")
     backend.release(group, token, result.slot)
