@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import time
 import uuid
 from collections import Counter
@@ -50,6 +51,8 @@ TRIGGER_POLL = 0.02
 SETTLE_POLL = 0.25
 #: Seconds the trigger waits, after enough tasks finished, for a chain step to be running.
 CHAIN_STEP_WAIT = 2.0
+#: A worker's log line for a message it took from the broker: ``Task name[id] received``.
+RECEIVED = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] received")
 
 
 class Broker(Protocol):
@@ -87,6 +90,8 @@ class Counts:
     sent: int
     completed: int = 0
     lost: int = 0
+    #: Lost task ids that no worker of the profile logged as received (see ``received_ids``).
+    never_received: int = 0
     parked: int = 0
     duplicates: int = 0
     failed: int = 0
@@ -104,7 +109,8 @@ class Counts:
         stuck = ", ".join(f"{n} {state}" for state, n in sorted(self.stuck_states.items()))
         return (
             f"{self.broker} / {self.profile}: sent {self.sent}, completed {self.completed}, "
-            f"lost {self.lost} (parked {self.parked}), duplicates {self.duplicates}, failed {self.failed}, "
+            f"lost {self.lost} (parked {self.parked}, never received {self.never_received}), "
+            f"duplicates {self.duplicates}, failed {self.failed}, "
             f"chains ok {self.chains_ok}/{self.chains}{f' (stuck: {stuck})' if stuck else ''}, "
             f"worker exits {self.worker_exits}, "
             f"done at restart {self.done_at_restart}, restart {self.restart_seconds:.1f}s, "
@@ -174,6 +180,18 @@ class Plan:
     @property
     def all_workers(self) -> list[BrokerWorker]:
         return [*self.replaced, self.worker]
+
+    def received_ids(self) -> set[str]:
+        """Task ids that a worker of this profile logged as received (Celery logs each
+        message it takes from the broker, before the pool runs it). A lost id that is not
+        among them was taken by no worker: lost in the broker, or popped by kombu's Redis
+        transport at the instant of the kill (it pops a message with ``BRPOP`` and records
+        its unacknowledged copy with a second command; a kill between the two loses it)."""
+        received: set[str] = set()
+        for worker in self.all_workers:
+            with contextlib.suppress(FileNotFoundError):
+                received.update(RECEIVED.findall(worker.log_path.read_text(errors="replace")))
+        return received
 
     def replace_worker(self) -> None:
         """Start a new worker in place of one that exited, as a supervisor (systemd
@@ -412,7 +430,8 @@ class RestartScenario:
 
         started, done, failed = self._runs(plan)
         finished = done.intersection(plan.task_ids)
-        lost = len(plan.task_ids) - len(finished)
+        lost_ids = set(plan.task_ids) - finished
+        lost = len(lost_ids)
         parked = 0
         with contextlib.suppress(Exception):
             parked = min(lost, self.broker.parked(plan.db))
@@ -435,6 +454,7 @@ class RestartScenario:
             sent=len(plan.task_ids),
             completed=len(finished),
             lost=lost,
+            never_received=len(lost_ids - plan.received_ids()),
             parked=parked,
             duplicates=sum(count - 1 for count in started.values()),
             failed=sum(failed.values()),
