@@ -39,7 +39,8 @@ docs: $(STAMP)
 	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
 
 # The rest of the support matrix (noxfile.py): every other Python/Django pair (one on the
-# lowest dependencies), two sessions at a time (MATRIX_JOBS; .ci/run takes three); `make test` is the default pair.
+# lowest dependencies), two sessions at a time (MATRIX_JOBS; .ci/run runs them beside
+# `make test`); `make test` is the default pair.
 PYENV_VERSIONS ?= 3.11.7:3.12.1:3.13.0
 matrix: $(STAMP)
 	PYENV_VERSION=$(PYENV_VERSIONS) $(BIN)/python .ci/run_matrix.py
