@@ -11,10 +11,10 @@ dependencies) in ``.venv``; ``.ci/run`` runs the rest of the matrix here. Sessio
   project run against the wheel installed in a fresh virtualenv;
 - ``docs``: the documentation site, warnings as errors.
 
-Each test session has its own PostgreSQL database and Redis database number, so two
-sessions can run side by side (``.ci/run`` runs two at a time beside ``make test``). The interpreters are found
-on ``PATH`` as ``python3.11``, ``python3.12`` and ``python3.13`` (with pyenv:
-``PYENV_VERSION=3.11.7:3.12.1:3.13.0``). Extra arguments go to pytest:
+Each test session has its own PostgreSQL database and Redis database number, so
+sessions can run side by side (``.ci/run`` runs two at a time beside ``make test``). The
+interpreters are found on ``PATH`` as ``python3.11``, ``python3.12`` and ``python3.13``
+(with pyenv: ``PYENV_VERSION=3.11.7:3.12.1:3.13.0``). Extra arguments go to pytest:
 ``nox -s "tests(py3.13-django6.1)" -- -x tests/test_models.py``.
 """
 
