@@ -115,6 +115,8 @@ LABELS = {
 #: Ratio to bare, in the recommended profile.
 GOALS = {"transition": 0.60, "throttle": 0.92, "both": 0.55}
 TRANSITION_VARIANTS = ("transition", "both", "sql_floor")
+#: Variant -> the informational variant that does only its round trips (its ceiling).
+FLOORS = {"transition": "sql_floor", "throttle": "throttle_floor"}
 #: Seconds without a counted completion after which a block is given up.
 STALL_TIMEOUT = 30.0
 
@@ -493,6 +495,22 @@ def report(
                     "met": None if goal is None else ratio >= goal,
                 }
             )
+    if "recommended" in profiles:
+        # How close each decorator is to its floor, measured in the same rounds: this part
+        # of a goal's ratio depends far less on the machine than the ratio to a bare task.
+        recommended = rates["recommended"]
+        pairs_measured = [(v, f) for v, f in FLOORS.items() if v in recommended and f in recommended]
+        if pairs_measured:
+            say("\nrecommended profile, each decorator / its floor (median of per-round ratios):")
+        for variant, floor in pairs_measured:
+            ratio = statistics.median(
+                v / f for v, f in zip(recommended[variant], recommended[floor], strict=True)
+            )
+            say(f"  {LABELS[variant]:<38}{ratio:>6.2f}  of {LABELS[floor]}")
+            rows.append(
+                {"name": f"end_to_end recommended: {LABELS[variant]} / {LABELS[floor]}", "value": ratio,
+                 "goal": None, "met": None}
+            )  # fmt: skip
     if "recommended" in profiles and "default" in profiles:
         say("\nrecommended / default, tasks/s (median of per-round ratios):")
         for variant in variants:
