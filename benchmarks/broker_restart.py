@@ -141,7 +141,9 @@ def main() -> None:
     print(format_table(rows))
     print(
         "\nsent: task ids (link callbacks included); lost: never finished (parked: of those, messages a "
-        "Redis broker holds until their visibility timeout); duplicates: extra body runs; failed: "
+        "Redis broker holds until their visibility timeout; never received: of those, ids no worker "
+        "logged as received, e.g. a message a worker's BRPOP had just taken when Redis was killed, "
+        "or a link never sent); duplicates: extra body runs; failed: "
         "executions that failed (refused re-runs, callbacks not published); chains ok: ended in ok, "
         "each transition recorded once; worker exits: workers started again in place of one that exited."
     )
