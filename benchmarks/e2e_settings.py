@@ -17,6 +17,10 @@ way so the figures do not depend on what the example settings say:
 - ``default``: Celery's default: its Django fixup closes the connection before and after
   every task (``CELERY_DB_REUSE_MAX`` unset, ``CONN_MAX_AGE = 0``), so every task that
   touches the database connects again;
+- ``production`` (informational): ``recommended`` plus the broker settings of
+  docs/howto/production.md ("Broker restarts"): ``acks_late`` with
+  ``reject_on_worker_lost``, prefetch 1, a publish retry policy and the Redis transport
+  options, the whole production configuration the guide gives;
 - ``async-commit`` (for diagnosis, not a recommendation): ``recommended`` with the
   worker's sessions on ``synchronous_commit = off``, so a ``COMMIT`` does not wait for
   the WAL flush: how much of a transition task is the disk.
@@ -35,7 +39,7 @@ from example_project.settings import *  # noqa: F403
 
 DEBUG = False
 
-PROFILES = ("recommended", "default", "async-commit")
+PROFILES = ("recommended", "default", "production", "async-commit")
 PROFILE = os.environ.get("BENCH_E2E_PROFILE", "recommended")
 if PROFILE not in PROFILES:
     raise ValueError(f"BENCH_E2E_PROFILE must be one of {PROFILES}, got {PROFILE!r}")
@@ -44,7 +48,7 @@ CELERY_RESULT_BACKEND: str | None = None  # type: ignore[no-redef]
 CELERY_TASK_IGNORE_RESULT = True
 CACHES["default"]["KEY_PREFIX"] = "bench-e2e"  # noqa: F405
 
-if PROFILE in ("recommended", "async-commit"):
+if PROFILE in ("recommended", "production", "async-commit"):
     CELERY_DB_REUSE_MAX: int | None = 1000  # type: ignore[no-redef]
     DATABASES["default"]["CONN_MAX_AGE"] = 600  # noqa: F405
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True  # noqa: F405
@@ -54,3 +58,21 @@ else:
     CELERY_DB_REUSE_MAX = None  # type: ignore[assignment]
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = False  # noqa: F405
+
+if PROFILE == "production":
+    # As docs/howto/production.md gives them ("Broker restarts").
+    CELERY_TASK_ACKS_LATE = True
+    CELERY_TASK_REJECT_ON_WORKER_LOST = True
+    CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+    CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+    CELERY_TASK_PUBLISH_RETRY_POLICY = {
+        "max_retries": 10,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1,
+    }
+    CELERY_BROKER_TRANSPORT_OPTIONS = {  # replaces the example project's
+        "visibility_timeout": 600,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+    }

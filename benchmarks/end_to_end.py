@@ -22,6 +22,10 @@ explicitly, whatever the example settings say:
 - *default*: Celery's default: its Django fixup closes the connection before and after
   every task (``CELERY_DB_REUSE_MAX`` unset, ``CONN_MAX_AGE = 0``), so a task that touches
   the database connects again;
+- *production*, only with ``--profiles ...,production``, informational: *recommended* plus
+  the guide's broker settings ("Broker restarts": ``acks_late``, ``reject_on_worker_lost``,
+  prefetch 1, a publish retry policy, the Redis transport options), so each task's
+  message is acknowledged after its body and no message waits in a worker;
 - *async-commit*, only with ``--profiles ...,async-commit``, for diagnosis: *recommended* with
   ``synchronous_commit = off`` on the worker's sessions, so a ``COMMIT`` does not wait for
   the WAL flush to disk (not a recommendation: it shows how much of a transition is the disk).
@@ -100,8 +104,9 @@ DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/task_workflow_bench_e
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 SETTINGS_MODULE = "benchmarks.e2e_settings"
 PROFILES = ("recommended", "default")
-#: ``async-commit``: for diagnosis only (``--profiles recommended,default,async-commit``).
-ALL_PROFILES = (*PROFILES, "async-commit")
+#: ``production`` (informational: ``recommended`` with the guide's broker settings too) and
+#: ``async-commit`` (for diagnosis) only when asked for: ``--profiles recommended,production``.
+ALL_PROFILES = (*PROFILES, "production", "async-commit")
 VARIANTS = ("bare", "throttle", "transition", "both", "throttle_key", "sql_floor", "throttle_floor")
 LABELS = {
     "bare": "bare task",
