@@ -466,8 +466,9 @@ def measure(
     return rows
 
 
-def paired_ratio(rates: dict[str, list[float]], variant: str) -> float:
-    return statistics.median(v / b for v, b in zip(rates[variant], rates["bare"], strict=True))
+def paired_ratio(rates: dict[str, list[float]], variant: str, reference: str = "bare") -> float:
+    """The median over rounds of ``variant``'s tasks/s over ``reference``'s in that round."""
+    return statistics.median(v / r for v, r in zip(rates[variant], rates[reference], strict=True))
 
 
 def report(
@@ -508,9 +509,7 @@ def report(
         if pairs_measured:
             say("\nrecommended profile, each decorator / its floor (median of per-round ratios):")
         for variant, floor in pairs_measured:
-            ratio = statistics.median(
-                v / f for v, f in zip(recommended[variant], recommended[floor], strict=True)
-            )
+            ratio = paired_ratio(recommended, variant, floor)
             say(f"  {LABELS[variant]:<38}{ratio:>6.2f}  of {LABELS[floor]}")
             rows.append(
                 {"name": f"end_to_end recommended: {LABELS[variant]} / {LABELS[floor]}", "value": ratio,
