@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "throttle_scale": ({"rounds": 60, "ops": 100}, {"rounds": 10, "ops": 100}),
     "transition_floor": ({"rounds": 20, "ops": 300}, {"rounds": 4, "ops": 100}),
-    "end_to_end": ({"rounds": 10, "tasks": 400}, {"rounds": 3, "tasks": 200}),
+    "end_to_end": ({"rounds": 5, "tasks": 2000}, {"rounds": 2, "tasks": 500}),
 }
 
 
