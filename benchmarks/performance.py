@@ -10,9 +10,9 @@ How to run (needs what the three scripts need: PostgreSQL on 127.0.0.1:5432, Red
 It runs, one after the other, each in a process of its own (each sets Django up with its
 own settings and database):
 
-- ``throttle_scale.py``: throttle acquire+release latency with 1, 100 and 10,000 live groups
-  and with 0 to 1,000 waiters in line (must not grow with groups, at most logarithmically
-  with waiters);
+- ``throttle_scale.py``: throttle acquire+release latency with 1, 100, 10,000 and 100,000
+  live groups and with 0 to 1,000 waiters in line (must not grow with groups, at most
+  logarithmically with waiters);
 - ``transition_floor.py``: ``apply_transition`` vs the raw-SQL floor of the same statements
   (<= 1.8x); skipped with "transition_floor: not available" when that module is missing;
 - ``end_to_end.py``: tasks per second through a real worker, bare vs ``@throttle``,

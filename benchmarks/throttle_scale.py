@@ -55,7 +55,7 @@ client median and p99 per op (and median per call), server median per call, over
   An O(groups) step would multiply the cost about 100-fold from 100 to 10,000 groups.
 - Groups, server: the most groups / a tenth of them (100,000 / 10,000) <= 1.10, server
   median. From 1 to about 10,000 groups the scripts' server time takes one step up (22 ->
-  27 us on one machine, 1.23-1.36x on fast machines, 1.1x on slow ones), and then stays
+  27 us on one machine, 1.22-1.36x on fast machines, 1.13-1.20x on slower ones), then stays
   flat (27 us at 100,000): each op then reads a group whose keys have left the CPU caches.
   That step is a constant of the memory, not growth with the number of groups, so it is
   printed without a goal (10,000 / 1 group, server); growth would go on past 10,000.
@@ -545,6 +545,8 @@ def report(
                 high.server_us() / tenth.server_us(),
                 GROUPS_STEP_GOAL,
             )
+        else:
+            say(f"  (no server verdict on groups: it needs {high.size // 10:,} groups measured too)")
         steps = ", ".join(
             f"{c.size:,} {c.server_us() / low.server_us():.2f}x"
             for c in configs
