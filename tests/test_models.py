@@ -11,7 +11,7 @@ from django_fsm import TransitionNotAllowed
 
 from example_project.models import Instance
 from task_workflow.models import StateMixin
-from task_workflow.transitions import apply_transition
+from task_workflow.tasks import apply_transition
 from tests.testapp.models import Volume
 
 S = StateMixin.States

@@ -28,9 +28,9 @@ import kombu.pools
 import pytest
 from celery import current_app, shared_task
 from django.db import connection, connections
+from django.db.models import QuerySet
 from django_fsm.signals import pre_transition
 
-from task_workflow import transitions
 from task_workflow.tasks import transition
 from tests.testapp.models import BodyRun, Volume
 
@@ -138,14 +138,10 @@ def test_concurrent_transitions_let_exactly_one_through():
 
 
 def test_the_race_is_caught_without_the_row_lock(monkeypatch):
-    """Control: with the locking read replaced by a plain one (no ``FOR UPDATE``), the
-    contenders all pass the state check and all run the body, so the main test's
-    assertions would fail."""
-    monkeypatch.setattr(
-        transitions,
-        "_lock_entity",
-        lambda model, key, using, cursor: model._default_manager.using(using).get(uuid=key),
-    )
+    """Control: with ``select_for_update()`` made a no-op (the forked contenders inherit
+    the patch), the locking read is a plain one, the contenders all pass the state check
+    and all run the body, so the main test's assertions would fail."""
+    monkeypatch.setattr(QuerySet, "select_for_update", lambda self, *args, **kwargs: self)
     volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
 
     outcomes, passed_check = run_contenders(volume)
