@@ -1,5 +1,6 @@
 """Tasks of ``benchmarks/end_to_end.py``; its workers load them with
-``--include benchmarks.e2e_tasks``. Not part of the library or its tests.
+``--include e2e_tasks`` (this directory on their ``PYTHONPATH``). Not part of the library or
+its tests; public APIs of ``task_workflow`` only.
 
 Every task takes ``(subject, round_key, total)`` and does nothing in its body, so what a
 variant costs beyond ``bare`` is its decorators' work. ``subject`` is a task index, or
@@ -15,23 +16,19 @@ counted, their final run is; anything but ``SUCCESS`` is also listed under
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import time
-import uuid
 from typing import Any
 
 from celery import shared_task
 from celery.signals import task_postrun
 from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
-from django.db import connection, transaction
-from django.utils import timezone
+from django.db import transaction
 
 from example_project.models import Instance
-from task_workflow import transitions
-from task_workflow.conf import get_setting
+from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle, transition
 from task_workflow.throttle import SlotGroup, get_backend
 
@@ -93,58 +90,30 @@ def transitioned(
     """``@transition``: lock the row, online -> stopping, commit, then this empty body."""
 
 
-@shared_task(name=f"{PREFIX}sql_floor")
-def sql_floor(instance_uuid: str, round_key: str, total: int) -> None:
-    """Informational, the ceiling of ``@transition``: the messages it sends
-    (``BEGIN; SELECT ... FOR UPDATE``, ``UPDATE`` of the state, the history ``INSERT ...;
-    COMMIT``) through the worker's own psycopg connection, with Django's adapters; no
-    ORM, no django-fsm, no decorator, and, as ``@transition`` has it, no health check of
-    its own. The locking read and the INSERT are the very statements
-    ``apply_transition`` compiles; the UPDATE is the one it sends for this transition."""
-    lock, update, (insert, insert_fields) = _floor_statements()
-    connection.ensure_connection()
-    raw = connection.connection  # in autocommit between transactions, as Django leaves it
-    now = timezone.now()
-    with raw.cursor() as cursor:
-        try:
-            cursor.execute("BEGIN; " + lock, [uuid.UUID(instance_uuid)])
-            cursor.nextset()
-            (row,) = cursor.fetchall()
-            cursor.execute(update, [Instance.States.STOPPING, now, row[0]])
-            values = {
-                "content_type_id": _instance_content_type_id(),
-                "object_id": str(row[0]),
-                "entity_uuid": row[1],
-                "transition": "begin_stopping",
-                "source_state": Instance.States.ONLINE,
-                "target_state": Instance.States.STOPPING,
-                "task_name": sql_floor.name,
-                "task_id": sql_floor.request.id or "",
-                "user_id": None,
-                "error_message": "",
-                "created_at": now,
-            }
-            cursor.execute(insert + "; COMMIT", [values[field.attname] for field in insert_fields])
-        except BaseException:
-            raw.rollback()
-            raise
+#: The fields ``begin_stopping`` changes (``apply_transition`` saves those).
+FLOOR_FIELDS = ["state", "state_changed_at"]
 
 
-@functools.cache
-def _floor_statements() -> tuple[str, str, tuple[str, Any]]:
-    """(the locking read, the UPDATE, (the history INSERT, its fields)) of ``sql_floor``."""
-    with transaction.atomic():  # select_for_update() compiles only in a transaction
-        lock = transitions._locking_select(Instance, "default")
-    if lock is None or lock.attnames[:2] != ("id", "uuid"):
-        raise RuntimeError(f"sql_floor expects the compiled locking read of Instance, got {lock!r}")
-    table = Instance._meta.db_table
-    update = f'UPDATE "{table}" SET "state" = %s, "state_changed_at" = %s WHERE "{table}"."id" = %s'
-    return lock.sql, update, transitions._history_insert("default")
-
-
-@functools.cache
-def _instance_content_type_id() -> int:
-    return ContentType.objects.get_for_model(Instance, for_concrete_model=False).pk
+@shared_task(name=f"{PREFIX}orm_floor")
+def orm_floor(instance_uuid: str, round_key: str, total: int) -> None:
+    """The floor of ``@transition``: its transaction written by hand with the public ORM
+    (the locked read, the transition method, the save of the fields it changed, the
+    history record), no decorator."""
+    with transaction.atomic():
+        entity = Instance.objects.select_for_update().get(uuid=instance_uuid)
+        source = entity.state
+        entity.begin_stopping()
+        entity.save(update_fields=FLOOR_FIELDS)
+        TransitionRecord.objects.create(
+            content_type=ContentType.objects.get_for_model(Instance, for_concrete_model=False),
+            object_id=str(entity.pk),
+            entity_uuid=entity.uuid,
+            transition="begin_stopping",
+            source_state=source,
+            target_state=entity.state,
+            task_name=orm_floor.name,
+            task_id=orm_floor.request.id or "",
+        )
 
 
 @shared_task(name=f"{PREFIX}throttle_key")
@@ -160,14 +129,14 @@ _FLOOR_GROUPS = [SlotGroup(f"{PREFIX}throttle_floor.{group}", None) for group in
 
 @shared_task(name=f"{PREFIX}throttle_floor")
 def throttle_floor(subject: int, round_key: str, total: int) -> None:
-    """Informational, the ceiling of ``@throttle``: the two calls it makes to the slot
-    store (the Redis backend's acquire and release scripts, on its own connections, with
-    a token and metadata of the same shape), and nothing else: no ``Lease``, no lease
-    renewer, no signals, no running-task lookup. 20 groups of 4 slots, as ``throttle``."""
+    """The floor of ``@throttle``: the two calls it makes to the slot store
+    (``get_backend().acquire()`` and ``.release()``, with a token and metadata of the same
+    shape), and nothing else: no ``Lease``, no lease renewer, no signals, no running-task
+    lookup. 20 groups of 4 slots, as ``throttle``."""
     group = _FLOOR_GROUPS[subject % KEYS]
     backend = get_backend()
     token = secrets.token_hex(16)
-    ttl = float(get_setting("LOCK_TTL"))  # the lease @throttle takes
+    ttl = float(getattr(settings, "TASK_WORKFLOW", {}).get("LOCK_TTL", 60))  # the lease @throttle takes
     request = throttle_floor.request
     metadata = {
         "task_name": group.task_name,

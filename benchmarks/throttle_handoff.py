@@ -1,6 +1,7 @@
 """Handoff latency of a throttle slot between two processes: release in A -> held in B.
 
-How to run (needs Redis on 127.0.0.1:6379; uses and FLUSHES db 13)::
+How to run (needs Redis on 127.0.0.1:6379; uses and FLUSHES db 13, ``BENCH_REDIS_URL``
+picks another)::
 
     .venv/bin/python benchmarks/throttle_handoff.py [--iterations 500] [--db-iterations 200]
 
@@ -23,8 +24,8 @@ pair under the same conditions, so ``throttle / raw`` is the library's own share
 PING line shows this machine's wake-up cost: a round trip after 20 ms idle (Redis and the
 client asleep) is far slower than back to back, and every handoff starts from idle.
 
-Targets (Redis backend): p50 <= 1 ms, p99 <= 3 ms. For contrast the same runs on the
-generic backend over Django's DatabaseCache (SQLite in a temporary directory,
+Goals (Redis backend, through the public ``throttle()``): p50 <= 1 ms, p99 <= 3 ms. For
+contrast the same runs on the generic backend over Django's DatabaseCache (SQLite in a temporary directory,
 ``TEST_DATABASE=sqlite``), whose waiters poll every 50 ms instead of being woken (there
 A holds 20-70 ms, at random, so releases fall at every phase of B's polling);
 ``--db-iterations 0`` skips it.
@@ -37,15 +38,15 @@ import multiprocessing
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness
+
+NAME = "throttle_handoff"
 #: Flushed; ``BENCH_REDIS_URL`` picks another database.
-REDIS_URL = os.environ.get("BENCH_REDIS_URL") or "redis://127.0.0.1:6379/13"
+REDIS_URL = harness.REDIS_URL
 WARMUP = 20
 HOLD_BEFORE_RELEASE = 0.020
 TARGETS_MS = {"p50": 1.0, "p99": 3.0}
@@ -53,8 +54,6 @@ RAW_KEY, RAW_WAKE = "bench:handoff:raw", "bench:handoff:raw:wake"
 
 
 def setup_django(env: dict[str, str]) -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     os.environ.update(env)
     import django
 
@@ -66,7 +65,8 @@ def holder(conn: Connection, results: Connection, env: dict[str, str], modes: tu
     import redis
     from django.core.management import call_command
 
-    from task_workflow.throttle import get_backend, throttle
+    from task_workflow.tasks import throttle
+    from task_workflow.throttle import get_backend
 
     if "REDIS_URL" not in env:
         call_command("createcachetable", verbosity=0)
@@ -100,7 +100,8 @@ def waiter(conn: Connection, env: dict[str, str]) -> None:
     setup_django(env)
     import redis
 
-    from task_workflow.throttle import get_backend, throttle
+    from task_workflow.tasks import throttle
+    from task_workflow.throttle import get_backend
 
     client = redis.Redis.from_url(REDIS_URL)
     slot = throttle(key="k", name="bench.handoff", wait=None)
@@ -139,12 +140,15 @@ def run(env: dict[str, str], modes: tuple[str, ...], iterations: int) -> tuple[s
 
 
 def percentiles_ms(samples_ns: list[int]) -> dict[str, float]:
-    ordered = sorted(samples_ns)
-
     def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+        return harness.percentile(samples_ns, q) / 1e6
 
-    return {"p50": statistics.median(ordered) / 1e6, "p90": pick(0.90), "p99": pick(0.99), "max": pick(1.0)}
+    return {
+        "p50": statistics.median(samples_ns) / 1e6,
+        "p90": pick(0.90),
+        "p99": pick(0.99),
+        "max": pick(1.0),
+    }
 
 
 def show(samples: dict[str, list[int]]) -> None:
@@ -169,12 +173,10 @@ def main() -> None:
     parser.add_argument("--db-iterations", type=int, default=200, help="0 skips the DatabaseCache run")
     args = parser.parse_args()
 
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+    harness.show_code()
+    client = harness.redis_client(REDIS_URL, flush=True)
     hot, cold = ping_us(client, 0, 500), ping_us(client, HOLD_BEFORE_RELEASE, 50)
-    base_env = {"DJANGO_SETTINGS_MODULE": "tests.settings"}
+    base_env = harness.django_env("tests.settings")
     print(f"throttle handoff latency, release in process A -> held in process B ({os.cpu_count()} CPUs)")
     idle_ms = HOLD_BEFORE_RELEASE * 1000
     print(f"Redis PING p50: {hot:.0f} us back to back, {cold:.0f} us after {idle_ms:g} ms idle")
@@ -184,9 +186,9 @@ def main() -> None:
     stats = percentiles_ms(samples["throttle: handoff"])
     raw = percentiles_ms(samples["raw: handoff"])
     print(f"  throttle / raw: p50 {stats['p50'] / raw['p50']:.2f}x, p99 {stats['p99'] / raw['p99']:.2f}x")
+    harness.info(NAME, "throttle / raw handoff, p50", stats["p50"] / raw["p50"], "x")
     for name, limit in TARGETS_MS.items():
-        verdict = "MET" if stats[name] <= limit else "MISSED"
-        print(f"  target throttle {name} <= {limit:g} ms: {verdict} ({stats[name]:.3f} ms)")
+        harness.verdict(NAME, f"throttle handoff {name}", stats[name], limit, unit=" ms")
 
     if args.db_iterations > 0:
         with tempfile.TemporaryDirectory() as tmp:

@@ -6,8 +6,8 @@ without persistence, and shuts it down at the end)::
     .venv/bin/python benchmarks/throttle_scale.py                  # 60 rounds x 100 ops per configuration
     .venv/bin/python benchmarks/throttle_scale.py --rounds 120 --waiters 0,1,10,100,1000,5000
 
-**What is called.** ``RedisThrottleBackend.acquire()`` and ``.release()`` (one ``EVALSHA``
-each, the scripts of ``task_workflow/throttle/redis_backend.py``) with the metadata
+**What is called.** ``RedisThrottleBackend.acquire()`` and ``.release()`` (public methods of
+the backend ``get_backend()`` returns; one script call each) with the metadata
 ``throttle()`` stores. Not the ``throttle()`` context manager: its own Python work (token,
 metadata, lease renewer bookkeeping, signals) does not depend on the number of groups or
 waiters (``throttle_acquire.py`` measures it). ``restart_grace=0``: the server has just
@@ -18,8 +18,10 @@ script reads the server's own time of every script call: ``SLOWLOG`` with
 ``slowlog-log-slower-than 0`` logs each command with its duration in microseconds. That is
 what the Lua scripts cost, without the client's Python and most of this machine's
 scheduling noise, and on a private server it holds this script's calls only. Each
-configuration has a database (and a key prefix) of its own, so all of them stay set up side
-by side and their ops can be interleaved one by one.
+configuration has a database, a key prefix and a client name of its own (the log names the
+client of each command), so all of them stay set up side by side and their ops can be
+interleaved one by one. Which logged command is an acquire and which a release is learnt
+at the start, from one call of each (the script's SHA, or whatever the backend sends).
 
 **Groups** (1, 100, 10,000, 100,000; ``--groups``): G groups of concurrency 2, each holding one live
 lease (TTL one hour, longer than the run). One op: acquire the group's second slot
@@ -34,9 +36,10 @@ group with waiters grants slots by handoff. One op, per slot granted:
 
 - W >= 1: the holder's ``release()`` (hands the slot to the head of the line and pushes its
   wake-up), then a new caller's ``acquire()`` (refused: it joins the back of the line), so
-  the line stays W long and the woken waiter is the next holder. Its wake-up list is popped
-  afterwards, untimed (what its ``BLPOP`` does), which also checks that the handoff went to
-  the waiter FIFO says;
+  the line stays W long and the woken waiter is the next holder. Its
+  ``wait_for_release()`` runs afterwards, untimed (what the woken waiter does: its
+  ``BLPOP`` returns the grant at once), which also checks that the handoff went to the
+  waiter FIFO says;
 - W = 0: ``release()``, then a new caller's ``acquire()`` (granted): the plain pair.
 
 *Re-attempt*: the last waiter attempts again (refused, W - 1 ahead of it), what each waiter
@@ -75,20 +78,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import secrets
 import statistics
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness
+
+NAME = "throttle_scale"
 #: Lease of the groups' resident holders: longer than any run.
 LIVE_TTL = 3600.0
 #: Lease of the measured acquires.
@@ -114,8 +116,6 @@ def log_bound(waiters: int, ref: int) -> float:
 def private_redis() -> Iterator[int]:
     """A ``redis-server`` of this script's own (no persistence), shut down afterwards; yields
     its port."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     from tests.workers import RedisServer, free_port
 
     server = RedisServer(free_port(), name="bench-scale")
@@ -140,17 +140,53 @@ def slowlog_on(client: Any) -> None:
     client.config_set("slowlog-max-len", 1_000_000)
 
 
-def script_durations(client: Any, scripts: dict[bytes, str]) -> dict[tuple[str, str], list[int]]:
-    """Server microseconds of every script call logged since the last reset, by (key prefix
-    of its first key, script name); ``scripts``: SHA -> name. The log is reset."""
+def signature(entry: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A logged command's name and first argument (a script's SHA, a function's name)."""
+    parts = bytes(entry["command"]).split(b" ", 2)
+    return parts[0].upper(), parts[1] if len(parts) > 1 else b""
+
+
+def client_name(entry: dict[str, Any]) -> str:
+    name = entry.get("client_name") or b""
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def script_durations(
+    client: Any, scripts: dict[tuple[bytes, bytes], str]
+) -> dict[tuple[str, str], list[int]]:
+    """Server microseconds of every acquire and release logged since the last reset, by
+    (client name, ``"acquire"`` / ``"release"``); ``scripts``: command signature -> which
+    (:func:`calibrate`). The log is reset."""
     found: dict[tuple[str, str], list[int]] = {}
     for entry in reversed(client.slowlog_get(-1)):  # newest first: put in call order
-        parts = bytes(entry["command"]).split(b" ", 4)
-        if len(parts) < 4 or parts[0].upper() != b"EVALSHA" or parts[1] not in scripts:
-            continue
-        prefix = parts[3].split(b"{", 1)[0].decode()
-        found.setdefault((prefix, scripts[parts[1]]), []).append(int(entry["duration"]))
+        script = scripts.get(signature(entry))
+        if script is not None:
+            found.setdefault((client_name(entry), script), []).append(int(entry["duration"]))
     client.slowlog_reset()
+    return found
+
+
+def calibrate(admin: Any, backend: Any, name: str) -> dict[tuple[bytes, bytes], str]:
+    """The command one ``acquire()`` and one ``release()`` of ``backend`` (whose client is
+    named ``name``) send, as the server logs them: signature -> ``"acquire"``/``"release"``."""
+    from task_workflow.throttle import SlotGroup
+
+    group = SlotGroup("bench.scale.calibrate", "c")
+    token = secrets.token_hex(16)
+    backend.acquire(group, secrets.token_hex(16), 1, TTL, metadata(group, 1))  # connections up
+    backend.release(group, secrets.token_hex(16))
+    found: dict[tuple[bytes, bytes], str] = {}
+    for script, call in (
+        ("acquire", lambda: backend.acquire(group, token, 2, TTL, metadata(group, 2))),
+        ("release", lambda: backend.release(group, token)),
+    ):
+        admin.slowlog_reset()
+        call()
+        logged = [signature(e) for e in admin.slowlog_get(-1) if client_name(e) == name]
+        if len(logged) != 1 or logged[0] in found:
+            raise RuntimeError(f"one {script}() should log one command of its own, logged: {logged}")
+        found[logged[0]] = script
+    admin.slowlog_reset()
     return found
 
 
@@ -164,7 +200,7 @@ class Config:
     name: str
     kind: str  # "groups", "fresh", "waiters", "re-attempt"
     size: int
-    #: Key prefix of its groups (how the server's log tells configurations apart).
+    #: Its client's name (how the server's log tells configurations apart).
     prefix: str
     #: The scripts one op calls, in order (a sample holds their client times in this order).
     calls: tuple[str, ...]
@@ -182,7 +218,7 @@ class Config:
 
     @property
     def p99_us(self) -> float:
-        return percentile([sum(sample) for sample in self.samples], 0.99) / 1000
+        return harness.percentile([sum(sample) for sample in self.samples], 0.99) / 1000
 
     def client_us(self, script: str) -> float:
         position = self.calls.index(script)
@@ -195,11 +231,6 @@ class Config:
             values = self.server.get(script)
             return float(statistics.median(values)) if values else math.nan
         return sum(self.server_us(name) for name in self.calls)
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(math.ceil(fraction * len(ordered)) - 1, 0))]
 
 
 def metadata(group: Any, concurrency: int) -> dict[str, Any]:
@@ -297,7 +328,6 @@ class Line:
         backend = self.backend
         self.group = SlotGroup("bench.scale.line", f"w{self.waiters}-{self.rebuilds}")
         self.meta = metadata(self.group, 1)
-        self.keys, self.meta_json = backend._keys(self.group), json.dumps(self.meta)
         self.holder = secrets.token_hex(16)
         assert backend.acquire(self.group, self.holder, 1, TTL, self.meta).acquired
         self.line: deque[str] = deque()
@@ -307,16 +337,13 @@ class Line:
             self.line.append(token)
 
     def keep_alive(self) -> bool:
-        """The holder renews; every waiter attempts again (refused, it keeps its place), with
-        the acquire script itself, pipelined; ``False`` if the line is not as expected."""
+        """The holder renews; every waiter attempts again (refused, it keeps its place);
+        ``False`` if the line is not as expected."""
         if not self.backend.renew(self.group, self.holder, "", TTL):
             return False
-        pipe = self.client.pipeline(transaction=False)
         for token in self.line:
-            args = (token, 1, math.ceil(TTL * 1000), self.meta_json)
-            pipe.evalsha(self.backend._acquire.sha, len(self.keys), *self.keys, *args)
-        if any(reply > 0 for reply in pipe.execute()):
-            return False
+            if self.backend.acquire(self.group, token, 1, TTL, self.meta).acquired:
+                return False
         return self.backend.waiting(self.group) == list(self.line)
 
     def prepare(self, ops: int) -> None:
@@ -348,8 +375,10 @@ class Line:
             raise StaleLine(f"{self.waiters} waiters: a newcomer took a slot while others waited")
         self.holder = self.line.popleft()
         self.line.append(token)
-        # What the woken waiter's BLPOP takes: the handoff went to the head of the line.
-        if self.client.lpop(backend._wake_key(group, self.holder)) is None:
+        # What the woken waiter does (its BLPOP returns at once): the handoff went to the
+        # head of the line.
+        woken = backend.wait_for_release(group, self.holder, 0.5)
+        if woken is None or not woken.acquired:
             raise StaleLine(f"{self.waiters} waiters: the slot was not handed to the head of the line")
         return sample
 
@@ -380,7 +409,9 @@ def _nothing(ops: int) -> None:
 # -- the run -----------------------------------------------------------------------------
 
 
-def run_round(configs: list[Config], client: Any, scripts: dict[bytes, str], ops: int, record: bool) -> bool:
+def run_round(
+    configs: list[Config], client: Any, scripts: dict[tuple[bytes, bytes], str], ops: int, record: bool
+) -> bool:
     """``ops`` ops of every configuration (prepared), interleaved op by op in the order of
     ``configs``; the server's log is read afterwards. ``False``: the round was discarded
     (a line went stale under it)."""
@@ -438,12 +469,16 @@ def measure(
         clients: list[Any] = []
 
         def backend_for(label: str) -> tuple[Any, Any, str]:
-            client = redis.Redis(host="127.0.0.1", port=port, db=len(clients))
+            name = f"bench-scale-{label}"
+            client = redis.Redis(host="127.0.0.1", port=port, db=len(clients), client_name=name)
             clients.append(client)
-            prefix = f"{PREFIX}{label}:"
-            return RedisThrottleBackend(client, prefix, restart_grace=0.0), client, prefix
+            return RedisThrottleBackend(client, f"{PREFIX}{label}:", restart_grace=0.0), client, name
 
-        wait_uptime(redis.Redis(host="127.0.0.1", port=port))
+        admin = redis.Redis(host="127.0.0.1", port=port, client_name="bench-scale-admin")
+        wait_uptime(admin)
+        slowlog_on(admin)
+        calibration, _, calibration_name = backend_for("calibrate")
+        scripts = calibrate(admin, calibration, calibration_name)
         configs: list[Config] = []
         for count in groups:
             backend, _, prefix = backend_for(f"g{count}")
@@ -456,8 +491,6 @@ def measure(
             line, line_cfgs = line_configs(backend, client, prefix, count)
             lines.append(line)
             configs.extend(line_cfgs)
-        scripts = {backend._acquire.sha.encode(): "acquire", backend._release.sha.encode(): "release"}
-        slowlog_on(clients[0])
         say(
             f"throttle scale: RedisThrottleBackend acquire/release on a private redis-server (port {port}), "
             f"{rounds} rounds (+1 warm-up) x {ops} ops per configuration, interleaved op by op; "
@@ -468,9 +501,7 @@ def measure(
             for config in configs:
                 config.prepare(ops)
             shift = round_no % len(configs)
-            if not run_round(
-                configs[shift:] + configs[:shift], clients[0], scripts, ops, record=round_no > 0
-            ):
+            if not run_round(configs[shift:] + configs[:shift], admin, scripts, ops, record=round_no > 0):
                 discarded += 1
                 if discarded > max(rounds // 4, 2):
                     raise RuntimeError(f"{discarded} rounds discarded: this machine is too busy for this run")
@@ -480,7 +511,7 @@ def measure(
                 f"under load some waiters fell silent for 3 s: {discarded} round(s) discarded (not counted), "
                 f"lines set up again {rebuilt} time(s) (the rounds before were clean: every handoff checked)"
             )
-        for client in clients:
+        for client in [*clients, admin]:
             client.close()
     return report(configs, groups, waiters, say)
 
@@ -525,7 +556,7 @@ def report(
 
     def verdict(name: str, value: float, bound: float) -> None:
         met = value <= bound
-        say(f"  {name}: {value:.2f} (goal <= {bound:.2f}) {'met' if met else 'NOT met'}")
+        harness.verdict(NAME, name, value, round(bound, 2))
         results.append(
             {"name": f"throttle_scale: {name}", "value": value, "goal": f"<= {bound:.2f}", "met": met}
         )
@@ -591,6 +622,7 @@ def main() -> None:
     parser.add_argument("--groups", default="1,100,10000,100000", help="live groups per configuration")
     parser.add_argument("--waiters", default="0,1,10,100,1000", help="waiters in line per configuration")
     args = parser.parse_args()
+    harness.setup_django("tests.settings", database_url=None, redis_url=harness.REDIS_URL)
     measure(
         args.rounds,
         args.ops,
