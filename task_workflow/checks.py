@@ -332,16 +332,6 @@ def _check_socket_timeout(
 CELERY_TAG = "celery"
 
 
-def _project_celery_app() -> Any:
-    """The app ``celery.current_app`` stands for (the one the project created, or set
-    current), or ``None`` when none exists yet: ``current_app`` would create Celery's
-    fallback app, which has no fixups and would become the default app of every thread."""
-    from celery import _state
-
-    thread_state = getattr(_state, "_tls", None)  # what current_app reads first
-    return getattr(thread_state, "current_app", None) or getattr(_state, "default_app", None)
-
-
 @register(CELERY_TAG)
 def check_celery_db_reuse(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """W006 when the project's Celery app would close database connections around every
@@ -351,9 +341,10 @@ def check_celery_db_reuse(app_configs: Any = None, **kwargs: Any) -> list[CheckM
     which ignores ``CONN_MAX_AGE``, and under prefork ``close_pool()`` too."""
     from celery.fixups.django import DjangoFixup
 
-    app = _project_celery_app()
-    fixups = getattr(app, "_fixups", None) or ()
-    if not any(isinstance(fixup, DjangoFixup) for fixup in fixups):
+    from .celery_hooks import app_fixups, project_celery_app
+
+    app = project_celery_app()
+    if app is None or not any(isinstance(fixup, DjangoFixup) for fixup in app_fixups(app)):
         return []  # no app, or one without Celery's Django fixup: nothing closes connections
     try:
         reuse_max = app.conf.get("CELERY_DB_REUSE_MAX")

@@ -4,6 +4,10 @@ Celery turns unknown task options into task class attributes, so ``is_heavy_task
 readable on the task. The router is appended to every Celery app's ``task_routes`` when
 the app is finalized, so ``task_workflow`` in INSTALLED_APPS is all it takes. Routes the
 user configured come first, and an explicit ``queue=`` on the task or the call wins.
+
+Celery has no public hook for "every app, including those finalized already", so
+:func:`install_on_all_apps` goes through :func:`task_workflow.celery_hooks.on_every_app_finalized`,
+the one place that uses Celery's private API for it.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, current_app
-from celery._state import _get_active_apps, connect_on_app_finalize  # type: ignore[attr-defined]
 
+from .celery_hooks import on_every_app_finalized
 from .conf import get_setting
 
 
@@ -37,14 +41,12 @@ def install_heavy_task_router(app: Celery) -> None:
     if route_heavy_tasks in routes:
         return
     app.conf.task_routes = [*routes, route_heavy_tasks]
-    # Routers are built lazily and cached; rebuild them with the new table.
+    # Routers are built lazily and cached: rebuild the table, and drop the cached router
+    # (a cached property: deleting it is a no-op when it was never built).
     app.amqp.flush_routes()
-    app.amqp.__dict__.pop("router", None)
+    del app.amqp.router
 
 
 def install_on_all_apps() -> None:
     """Install the router on finalized apps now and on every app finalized later."""
-    connect_on_app_finalize(install_heavy_task_router)
-    for app in list(_get_active_apps()):
-        if app.finalized:
-            install_heavy_task_router(app)
+    on_every_app_finalized(install_heavy_task_router)

@@ -6,15 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery._state import get_current_task
 from celery.exceptions import Ignore, Retry
+
+from .celery_hooks import current_task_object, has_autoretry_wrapper
 
 
 def running_task(run: Callable[..., Any] | None = None) -> Task | None:
     """The Celery task executing in this thread, or ``None``: also when its function is
     called directly rather than run by Celery, and, given ``run``, when the running task's
     function is not (a wrapper of) ``run`` (``run`` was called from another task's body)."""
-    task = get_current_task()
+    task = current_task_object()
     if task is None or task.request.called_directly:
         return None
     if run is not None and not _task_runs(task, run):
@@ -46,7 +47,7 @@ def celery_will_retry(task: Task, exc: BaseException) -> bool:
     task's ``max_retries``; ``None`` = unlimited) is not reached. A body's own
     ``self.retry()`` raises ``Retry`` (or, past the limit, the final error) itself.
     """
-    if task.request.called_directly or not hasattr(task, "_orig_run"):
+    if task.request.called_directly or not has_autoretry_wrapper(task):
         return False
     autoretry_for = tuple(getattr(task, "autoretry_for", ()) or ())
     dont_autoretry_for = tuple(getattr(task, "dont_autoretry_for", ()) or ())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from celery import Celery, shared_task
+from celery import Celery, Task, shared_task
+from celery import _state as celery_state
 from celery.exceptions import CDeprecationWarning
+from celery.fixups.django import DjangoFixup
 from django.conf import settings
 from django.core.cache import caches
 from django.core.checks import Error, Tags, Warning, run_checks
@@ -14,8 +16,10 @@ from django.db import OperationalError, connections
 from django.test import override_settings
 
 from example_project.celery import app as example_app
+from task_workflow import celery_hooks
 from task_workflow.checks import check_lock_cache, check_settings
-from task_workflow.routing import install_heavy_task_router, route_heavy_tasks
+from task_workflow.routing import install_heavy_task_router, install_on_all_apps, route_heavy_tasks
+from task_workflow.running import running_task
 from task_workflow.throttle import DatabaseCacheThrottleBackend
 
 DATABASE_CACHE = {
@@ -564,3 +568,78 @@ def test_user_routes_come_first():
 
     assert routed_queue(app, routed_by_user) == "custom"
     assert routed_queue(app, not_routed_by_user) == "heavy"
+
+
+def test_router_installed_on_apps_finalized_before_and_after_install_on_all_apps():
+    """task_workflow's ready() ran long before these apps existed; install_on_all_apps()
+    (what ready() calls) also reaches an app finalized before it ran."""
+    before = Celery("tw_test_routing_before", set_as_current=False)
+    before.finalize()
+    before.conf.task_routes = None  # as if finalized before task_workflow was loaded
+    install_on_all_apps()
+    after = Celery("tw_test_routing_after", set_as_current=False)
+    after.finalize()
+
+    assert list(before.conf.task_routes) == [route_heavy_tasks]
+    assert list(after.conf.task_routes) == [route_heavy_tasks]
+
+
+# --- Celery's private API, used only in task_workflow/celery_hooks.py -----------------------
+# These fail when a Celery release changes what celery_hooks relies on.
+
+
+def test_celery_private_api_app_finalize_hook_exists():
+    assert callable(celery_state.connect_on_app_finalize)
+    assert callable(celery_state._get_active_apps)
+
+
+def test_celery_private_api_on_every_app_finalized_reaches_apps_finalized_before_and_after():
+    seen: list[Celery] = []
+    finalized_before = Celery("tw_test_hooks_before", set_as_current=False)
+    finalized_before.finalize()
+    not_finalized_yet = Celery("tw_test_hooks_later", set_as_current=False)
+    try:
+        celery_hooks.on_every_app_finalized(seen.append)
+        assert finalized_before in seen
+        assert not_finalized_yet not in seen
+        not_finalized_yet.finalize()
+        assert not_finalized_yet in seen
+        created_after = Celery("tw_test_hooks_after", set_as_current=False)
+        created_after.finalize()
+        assert created_after in seen
+    finally:
+        celery_state._on_app_finalizers.discard(seen.append)  # type: ignore[attr-defined]
+
+
+def test_celery_private_api_project_app_and_its_django_fixup():
+    """The project's app as celery.current_app has it, without creating Celery's fallback
+    app; its Django fixup is found among the app's fixup objects."""
+    assert celery_state._tls.current_app is example_app or celery_state.default_app is example_app
+    assert celery_hooks.project_celery_app() is example_app
+    assert any(isinstance(fixup, DjangoFixup) for fixup in celery_hooks.app_fixups(example_app))
+    assert celery_hooks.app_fixups(None) == ()
+
+
+@shared_task(name="tests.hooks.autoretried", autoretry_for=(ValueError,))
+def autoretried_task():
+    pass
+
+
+@shared_task(name="tests.hooks.current", bind=True)
+def reports_current_task(self):
+    return (celery_hooks.current_task_object() is self, running_task() is self)
+
+
+def test_celery_private_api_autoretry_wrapper():
+    assert celery_hooks.has_autoretry_wrapper(autoretried_task._get_current_object())
+    assert not celery_hooks.has_autoretry_wrapper(light_task._get_current_object())
+
+
+def test_celery_private_api_current_task_object():
+    """The task itself (not celery.current_task, a proxy that is never None) while one
+    runs, None otherwise."""
+    assert celery_hooks.current_task_object() is None
+    assert running_task() is None
+    result = reports_current_task.apply()
+    assert result.get() == (True, True)
+    assert isinstance(reports_current_task._get_current_object(), Task)
