@@ -22,8 +22,8 @@ from django.contrib.contenttypes.fields import GenericForeignKey
 from django.contrib.contenttypes.models import ContentType
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 from django_fsm import FSMField, FSMModelMixin, transition
-from django_fsm.signals import post_transition
 
 from .managers import TransitionRecordManager
 
@@ -137,30 +137,40 @@ class TransitionRecord(models.Model):
     # more server time than the history INSERT itself. The value comes from Django's
     # ContentType cache, and on_delete runs in the ORM either way.
     content_type = models.ForeignKey(
-        ContentType, on_delete=models.CASCADE, related_name="+", db_constraint=False, db_index=False
+        ContentType,
+        on_delete=models.CASCADE,
+        related_name="+",
+        db_constraint=False,
+        db_index=False,
+        verbose_name=_("content type"),
     )
     # A string, so integer and UUID primary keys fit alike.
-    object_id = models.CharField(max_length=64)
+    object_id = models.CharField(_("object id"), max_length=64)
     entity = GenericForeignKey("content_type", "object_id")
-    entity_uuid = models.UUIDField(null=True, blank=True, db_index=True)
-    transition = models.CharField(max_length=100)
-    source_state = models.CharField(max_length=64)
-    target_state = models.CharField(max_length=64, db_index=True)
-    task_name = models.CharField(max_length=255, blank=True, default="")
-    task_id = models.CharField(max_length=255, blank=True, default="")
+    entity_uuid = models.UUIDField(_("entity uuid"), null=True, blank=True, db_index=True)
+    transition = models.CharField(_("transition"), max_length=100)
+    source_state = models.CharField(_("source state"), max_length=64)
+    target_state = models.CharField(_("target state"), max_length=64, db_index=True)
+    task_name = models.CharField(_("task name"), max_length=255, blank=True, default="")
+    task_id = models.CharField(_("task id"), max_length=255, blank=True, default="")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name=_("user"),
     )
-    error_message = models.TextField(blank=True, default="")
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    error_message = models.TextField(_("error message"), blank=True, default="")
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, db_index=True)
 
     objects = TransitionRecordManager()
 
     class Meta:
         ordering = ("-created_at", "-id")
         indexes = [models.Index(fields=["content_type", "object_id", "-created_at"])]
-        verbose_name = "transition record"
-        verbose_name_plural = "transition history"
+        verbose_name = _("transition record")
+        verbose_name_plural = _("transition history")
 
     def __str__(self) -> str:
         return f"{self.transition}: {self.source_state} → {self.target_state}"
@@ -174,18 +184,16 @@ class ThrottleLock(models.Model):
     class Meta:
         managed = False
         default_permissions = ("view",)
-        permissions = [("release_throttlelock", "Can force-release throttle locks")]
-        verbose_name = "throttle lock"
-        verbose_name_plural = "throttle locks"
+        permissions = [("release_throttlelock", _("Can force-release throttle locks"))]
+        verbose_name = _("throttle lock")
+        verbose_name_plural = _("throttle locks")
 
     def __str__(self) -> str:
         return "throttle lock"
 
 
 def _stamp_state_change(sender: type, instance: models.Model, target: str, **kwargs: object) -> None:
-    """django-fsm ``post_transition`` receiver: remember when a StateMixin's state changed."""
+    """django-fsm ``post_transition`` receiver (connected in ``TaskWorkflowConfig.ready()``):
+    remember when a StateMixin's state changed."""
     if isinstance(instance, StateMixin):
         instance.state_changed_at = timezone.now()
-
-
-post_transition.connect(_stamp_state_change, dispatch_uid="task_workflow.stamp_state_change")
