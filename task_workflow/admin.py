@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
+from django.contrib.admin.exceptions import NotRegistered
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth import get_permission_codename
 from django.contrib.contenttypes.admin import GenericTabularInline
@@ -19,6 +21,8 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.html import format_html
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
 from django_fsm import TransitionNotAllowed
 from django_fsm.admin import FSMAdminMixin
 
@@ -27,21 +31,25 @@ from .models import StateMixin, ThrottleLock, TransitionRecord
 from .throttle import SlotGroup, get_backend
 from .transitions import TransitionOrigin, apply_transition
 
-#: Badge colours per state; other states get the neutral one.
-STATE_COLOURS = {
+#: Badge colours of ``StateMixin``'s own final states. A model's own states get theirs from
+#: :attr:`StateMixinAdmin.state_colours`.
+STATE_COLOURS: dict[str, str] = {
     StateMixin.States.OK: "#2e7d32",
     StateMixin.States.ERRED: "#c62828",
-    "online": "#2e7d32",
-    "offline": "#616161",
 }
+#: Badge colour of the states in the model's ``States.TRANSITIONAL`` that have no colour of
+#: their own.
 TRANSITIONAL_COLOUR = "#ef6c00"
+#: Badge colour of any other state without a colour of its own.
 NEUTRAL_COLOUR = "#455a64"
 
 
-def state_badge(entity: StateMixin) -> str:
-    """The entity's state as a coloured badge."""
+def state_badge(entity: StateMixin, colours: Mapping[str, str] | None = None) -> str:
+    """The entity's state as a coloured badge: its colour from ``colours`` (a state ->
+    CSS colour mapping), else :data:`STATE_COLOURS`, else :data:`TRANSITIONAL_COLOUR` for
+    a state in the model's ``States.TRANSITIONAL``, else :data:`NEUTRAL_COLOUR`."""
     state = entity.state
-    colour = STATE_COLOURS.get(state)
+    colour = (colours or {}).get(state) or STATE_COLOURS.get(state)
     if colour is None:
         colour = TRANSITIONAL_COLOUR if state in type(entity).States.TRANSITIONAL else NEUTRAL_COLOUR
     return format_html(
@@ -95,7 +103,7 @@ class TransitionHistoryInline(GenericTabularInline):
     max_num = 0
     can_delete = False
     show_change_link = True
-    verbose_name_plural = "Transition history"
+    verbose_name_plural = _("Transition history")
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -161,20 +169,21 @@ class TransitionRecordAdmin(admin.ModelAdmin):
             model = content_type.model_class()
             if model is None:  # a model that no longer exists: superusers only
                 continue
-            model_admin = self.admin_site._registry.get(model)
-            if model_admin is not None:
-                allowed = model_admin.has_view_or_change_permission(request)
-            else:
+            try:
+                model_admin = self.admin_site.get_model_admin(model)
+            except NotRegistered:
                 opts = model._meta
                 allowed = any(
                     user.has_perm(f"{opts.app_label}.{get_permission_codename(action, opts)}")
                     for action in ("view", "change")
                 )
+            else:
+                allowed = model_admin.has_view_or_change_permission(request)
             if allowed:
                 viewable.append(content_type.pk)
         return viewable
 
-    @admin.display(description="entity", ordering="object_id")
+    @admin.display(description=_("entity"), ordering="object_id")
     def entity_link(self, record: TransitionRecord) -> str:
         label = f"{record.content_type.model} {record.entity_uuid or record.object_id}"
         try:
@@ -186,7 +195,7 @@ class TransitionRecordAdmin(admin.ModelAdmin):
             return label
         return format_html('<a href="{}">{}</a>', url, label)
 
-    @admin.display(description="error")
+    @admin.display(description=_("error"))
     def short_error(self, record: TransitionRecord) -> str:
         text = record.error_message
         return text if len(text) <= 80 else f"{text[:79]}…"
@@ -203,6 +212,10 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
     fsm_fields = ["state"]
     inlines = [TransitionHistoryInline]
     list_filter = ("state",)
+    #: Badge colours of the model's own states (state value -> CSS colour), e.g.
+    #: ``{Instance.States.ONLINE: "#2e7d32"}``; they win over :data:`STATE_COLOURS`. A state
+    #: without one is orange while transitional (in ``States.TRANSITIONAL``), else grey.
+    state_colours: Mapping[str, str] = {}
 
     def get_list_display(self, request: HttpRequest) -> Any:
         display = list(super().get_list_display(request))
@@ -225,9 +238,10 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
         # The badge replaces the plain state field on the form.
         return [f for f in fields if f != "state"] if "state_badge" in fields else fields
 
-    @admin.display(description="state", ordering="state")
+    @admin.display(description=_("state"), ordering="state")
     def state_badge(self, entity: StateMixin) -> str:
-        return state_badge(entity)
+        """The entity's state as a badge in the colours of :attr:`state_colours`."""
+        return state_badge(entity, self.state_colours)
 
     def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
         # Save only what the form changed: writing every column would put back the state
@@ -298,10 +312,17 @@ class StateMixinAdmin(FSMAdminMixin, admin.ModelAdmin):
             )
         except TransitionNotAllowed as exc:
             self.message_user(
-                request, f"Transition '{transition_name}' is not allowed: {exc}", messages.ERROR
+                request,
+                gettext("Transition '%(transition)s' is not allowed: %(error)s")
+                % {"transition": transition_name, "error": exc},
+                messages.ERROR,
             )
             return False
-        self.message_user(request, f"Transition '{transition_name}' applied.", messages.SUCCESS)
+        self.message_user(
+            request,
+            gettext("Transition '%(transition)s' applied.") % {"transition": transition_name},
+            messages.SUCCESS,
+        )
         return True
 
 
@@ -316,15 +337,15 @@ class ThrottleLockAdmin(admin.ModelAdmin):
     change_list_template = "admin/task_workflow/throttlelock/change_list.html"
     confirm_template = "admin/task_workflow/throttlelock/release_confirmation.html"
     columns = (
-        ("task", "task name"),
-        ("key", "key"),
-        (None, "slot"),
-        ("task_id", "holder task id"),
-        ("host", "worker host / pid"),
-        ("acquired", "acquired at"),
-        ("held", "held for"),
-        ("expires", "lease expires in"),
-        (None, "in use"),
+        ("task", _("task name")),
+        ("key", _("key")),
+        (None, _("slot")),
+        ("task_id", _("holder task id")),
+        ("host", _("worker host / pid")),
+        ("acquired", _("acquired at")),
+        ("held", _("held for")),
+        ("expires", _("lease expires in")),
+        (None, _("in use")),
     )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -377,7 +398,7 @@ class ThrottleLockAdmin(admin.ModelAdmin):
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
-            "title": "Throttle locks",
+            "title": gettext("Throttle locks"),
             "page": page,
             "paginator": paginator,
             "rows": [self._row(row) for row in page.object_list],
@@ -420,7 +441,8 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             "held_for": _duration(slot.held_for),
             "expires_in": _duration(slot.expires_in),
             "expired": slot.expired,
-            "usage": row.usage,
+            "usage": gettext("%(in_use)d of %(concurrency)d")
+            % {"in_use": row.in_use, "concurrency": slot.concurrency},
             "over": row.in_use > slot.concurrency,
         }
 
@@ -429,7 +451,7 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             raise PermissionDenied
         refs = list(dict.fromkeys(request.POST.getlist("slot")))  # each slot once
         if not refs:
-            self.message_user(request, "Select at least one lock to release.", messages.WARNING)
+            self.message_user(request, gettext("Select at least one lock to release."), messages.WARNING)
             return HttpResponseRedirect(request.get_full_path())
         try:
             parse_refs(refs)  # all of them, before asking or releasing anything
@@ -441,7 +463,7 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             context = {
                 **self.admin_site.each_context(request),
                 "opts": self.opts,
-                "title": "Release throttle locks?",
+                "title": gettext("Release throttle locks?"),
                 "refs": refs,
                 "selected": selected,
             }
@@ -457,24 +479,31 @@ class ThrottleLockAdmin(admin.ModelAdmin):
         self._log_releases(request, results)  # also those done before a failure
         released_count = sum(1 for _, _, released in results if released)
         if failure is not None:
-            untried = (
-                ""
-                if not failure.untried
-                else f"; the other {failure.untried} {'was' if failure.untried == 1 else 'were'} not tried"
-            )
-            self.message_user(
-                request,
-                f"Released {released_count} of {len(refs)} selected locks, then releasing {failure.group} "
-                f"failed ({type(failure.error).__name__}: {failure.error}){untried}.",
-                messages.ERROR,
-            )
+            failed = gettext(
+                "Released %(released)d of %(selected)d selected locks, then releasing %(group)s "
+                "failed (%(error_type)s: %(error)s)"
+            ) % {
+                "released": released_count,
+                "selected": len(refs),
+                "group": failure.group,
+                "error_type": type(failure.error).__name__,
+                "error": failure.error,
+            }
+            if failure.untried:
+                failed += ngettext(
+                    "; the other %(count)d was not tried",
+                    "; the other %(count)d were not tried",
+                    failure.untried,
+                ) % {"count": failure.untried}
+            self.message_user(request, failed + ".", messages.ERROR)
             return HttpResponseRedirect(request.get_full_path())
-        self.message_user(
-            request,
-            f"Released {released_count} of {len(results)} selected locks"
-            + ("" if released_count == len(results) else " (the others were already free)"),
-            messages.SUCCESS,
-        )
+        released = gettext("Released %(released)d of %(selected)d selected locks") % {
+            "released": released_count,
+            "selected": len(results),
+        }
+        if released_count != len(results):
+            released += gettext(" (the others were already free)")
+        self.message_user(request, released, messages.SUCCESS)
         return HttpResponseRedirect(request.get_full_path())
 
     @staticmethod
@@ -488,7 +517,11 @@ class ThrottleLockAdmin(admin.ModelAdmin):
                 object_id=token,
                 object_repr=str(group)[:200],
                 action_flag=DELETION,
-                change_message=f"Force-released throttle slot ({'released' if released else 'already free'})",
+                change_message=(
+                    gettext("Force-released throttle slot (released)")
+                    if released
+                    else gettext("Force-released throttle slot (already free)")
+                ),
             )
 
     @staticmethod
@@ -496,12 +529,21 @@ class ThrottleLockAdmin(admin.ModelAdmin):
         """A line per slot for the confirmation page (the refs are well-formed)."""
         held = {(slot.group, slot.token): slot for slot in get_backend().held_slots()}
         descriptions = []
-        for group, token, _ in parse_refs(refs):
+        for group, token, _slot in parse_refs(refs):
             slot = held.get((group, token))
             if slot is None:
-                descriptions.append(f"{group} — holder token {token[:8]} (no longer held)")
+                descriptions.append(
+                    gettext("%(group)s — holder token %(token)s (no longer held)")
+                    % {"group": group, "token": token[:8]}
+                )
             else:
                 descriptions.append(
-                    f"{group} — task {slot.task_id or '?'} on {slot.hostname or '?'} pid {slot.pid or '?'}"
+                    gettext("%(group)s — task %(task_id)s on %(host)s pid %(pid)s")
+                    % {
+                        "group": group,
+                        "task_id": slot.task_id or "?",
+                        "host": slot.hostname or "?",
+                        "pid": slot.pid or "?",
+                    }
                 )
         return descriptions

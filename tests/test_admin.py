@@ -39,7 +39,14 @@ from django.urls import reverse
 from example_project import tasks as example_tasks
 from example_project.models import Instance
 from task_workflow import locks as locks_module
-from task_workflow.models import ThrottleLock, TransitionRecord
+from task_workflow.admin import (
+    NEUTRAL_COLOUR,
+    STATE_COLOURS,
+    TRANSITIONAL_COLOUR,
+    StateMixinAdmin,
+    state_badge,
+)
+from task_workflow.models import StateMixin, ThrottleLock, TransitionRecord
 from task_workflow.tasks import apply_transition, error_transition, throttle
 from task_workflow.throttle import (
     DatabaseCacheThrottleBackend,
@@ -999,7 +1006,7 @@ def transition_form(monkeypatch) -> None:
     """The example's admin asks for a form before ``set_offline`` (django-fsm-2's
     ``fsm_forms``), so its per-transition view (``<pk>/transition/set_offline/``) serves one."""
     monkeypatch.setattr(
-        django_admin.site._registry[Instance], "fsm_forms", {"set_offline": ConfirmSetOffline}
+        django_admin.site.get_model_admin(Instance), "fsm_forms", {"set_offline": ConfirmSetOffline}
     )
 
 
@@ -1056,7 +1063,8 @@ def test_the_transition_form_view_of_a_transition_hidden_from_the_admin_is_403(
 ):
     """``is_fsm_transition_visible`` (django-fsm's ``custom={"admin": False}``) hides the
     button; the form view refuses it too."""
-    monkeypatch.setattr(django_admin.site._registry[Instance], "is_fsm_transition_visible", lambda t: False)
+    instance_admin = django_admin.site.get_model_admin(Instance)
+    monkeypatch.setattr(instance_admin, "is_fsm_transition_visible", lambda t: False)
     response = getattr(admin_client, method)(transition_url(pages.instance))
     assert_untouched(pages)
     assert response.status_code == 403
@@ -1358,6 +1366,45 @@ def test_instance_list_shows_state_badges(admin_client):
     response = admin_client.get(reverse("admin:example_instance_changelist"), {"state__exact": "stopping"})
     badges = page(response).find_all("span", cls="tw-state")
     assert [badge.attrs["data-state"] for badge in badges] == ["stopping"]
+
+
+def badge_colour(html: str) -> str:
+    return re.search(r"background:(#[0-9a-f]{6})", html).group(1)
+
+
+@pytest.mark.parametrize(
+    ("state", "colour"),
+    [
+        (States.OK, STATE_COLOURS[States.OK]),
+        (States.ERRED, STATE_COLOURS[States.ERRED]),
+        (States.CREATING, TRANSITIONAL_COLOUR),  # StateMixin's transitional state
+        (States.STOPPING, TRANSITIONAL_COLOUR),  # the example's transitional state
+        (States.ONLINE, "#2e7d32"),  # from the example admin's state_colours
+        (States.OFFLINE, "#616161"),
+    ],
+)
+def test_badge_colours_come_from_the_package_and_the_model_admins_state_colours(state, colour):
+    instance = Instance(name="vm-colour", state=state)
+    model_admin = django_admin.site.get_model_admin(Instance)
+    assert badge_colour(model_admin.state_badge(instance)) == colour
+
+
+def test_the_package_has_no_colours_of_the_example_states():
+    """Without the example admin's state_colours, its own final states are neutral."""
+    assert set(STATE_COLOURS) == {StateMixin.States.OK, StateMixin.States.ERRED}
+    plain_admin = StateMixinAdmin(Instance, django_admin.site)
+    assert badge_colour(plain_admin.state_badge(Instance(state=States.ONLINE))) == NEUTRAL_COLOUR
+    assert badge_colour(plain_admin.state_badge(Instance(state=States.OK))) == STATE_COLOURS[States.OK]
+
+
+def test_state_colours_win_over_the_package_colours():
+    class RecolouredAdmin(StateMixinAdmin):
+        state_colours = {States.ERRED: "#000000", States.STOPPING: "#111111"}
+
+    recoloured = RecolouredAdmin(Instance, django_admin.site)
+    assert badge_colour(recoloured.state_badge(Instance(state=States.ERRED))) == "#000000"
+    assert badge_colour(recoloured.state_badge(Instance(state=States.STOPPING))) == "#111111"
+    assert badge_colour(state_badge(Instance(state=States.ERRED), {States.OK: "#222222"})) == "#c62828"
 
 
 def press(client: Client, instance: Instance, transition_name: str) -> Any:

@@ -248,7 +248,7 @@ def test_transition_form_needs_change_permission_in_the_browser(
     A staff user who may only view instances sees no button, is refused the form page by
     URL (403) and a POST to it (403): the instance stays where it is. An engineer who may
     change instances presses the button, gets the form, applies it."""
-    monkeypatch.setattr(admin.site._registry[Instance], "fsm_forms", {"set_offline": ConfirmSetOffline})
+    monkeypatch.setattr(admin.site.get_model_admin(Instance), "fsm_forms", {"set_offline": ConfirmSetOffline})
     instance = Instance.objects.create(name="web-2", backend_id="i-2", state=Instance.States.STOPPING)
     change = reverse("admin:example_instance_change", args=[instance.pk])
     form_url = reverse("admin:example_instance_transition", args=[instance.pk, "set_offline"])
