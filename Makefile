@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-services test lint typecheck pytest docs matrix package clean
+.PHONY: demo demo-services test lint typecheck pytest campaigns docs matrix package clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The whole suite on PostgreSQL + Redis, then the database-level rules again on SQLite.
+# The whole suite on PostgreSQL + Redis, then the database-level rules again on SQLite;
+# without the long correctness campaigns (marker `campaign`, `make campaigns`).
 pytest: $(STAMP)
-	$(BIN)/pytest
-	TEST_DATABASE=sqlite $(BIN)/pytest -m "not services and not postgres"
+	$(BIN)/pytest -m "not campaign"
+	TEST_DATABASE=sqlite $(BIN)/pytest -m "not services and not postgres and not campaign"
+
+# The long correctness campaigns (tests/campaigns/): the fault campaign for minutes, fairness,
+# broker restarts with many tasks, the throttle state machines on a large budget, makespan.
+# Needs what `make test` needs, plus root and rabbitmq-server for some; their sizes are set by
+# CAMPAIGN_* variables (docs/development.md).
+campaigns: $(STAMP)
+	$(BIN)/pytest -m campaign
 
 test: lint typecheck pytest
 

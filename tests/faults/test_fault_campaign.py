@@ -9,17 +9,20 @@ Needs root (namespaces), iproute2, ``unshare``, ``redis-server`` and PostgreSQL 
 127.0.0.1:5432; it touches no other Redis. ``TWF_SEED`` picks another fault schedule,
 ``TWF_DURATION`` the seconds of faults; ``TWF_KEEP=1`` keeps records and logs in
 ``test-artifacts/faults-<id>`` (kept anyway when the run fails). The long run is
-``benchmarks/throttle_fault_campaign.py``.
+``tests/campaigns/test_fault_campaign_long.py`` (``make campaigns``), with the same checks
+(``assert_campaign_passed``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
 from tests.faults.campaign import FAULT_KINDS, CampaignConfig, run_campaign
+from tests.faults.checker import Report
 
 pytestmark = pytest.mark.services
 
@@ -52,6 +55,13 @@ def test_throttle_keeps_its_limit_and_fencing_refuses_stale_writes_under_faults(
         keep_artifacts=os.environ.get("TWF_KEEP") == "1",
     )
     report, artifacts = run_campaign(config)
+    assert_campaign_passed(report, config, artifacts)
+
+
+def assert_campaign_passed(
+    report: Report, config: CampaignConfig, artifacts: Path, min_holds: int = 50
+) -> None:
+    """The campaign's checks: the throttle's safety, and that the campaign did what it says."""
     print(report.table())
     evidence = "\n\n".join([v.describe() for v in report.violations if v.cause != "sigstop"] + report.notes)
     where = f"(seed {config.seed}; records in {artifacts} when the run failed)"
@@ -65,7 +75,7 @@ def test_throttle_keeps_its_limit_and_fencing_refuses_stale_writes_under_faults(
     assert report.in_lease_refused == 0, f"writes refused inside their lease {where}:\n{evidence}"
     assert report.grants_in_grace == 0, f"grants inside the Redis restart grace {where}:\n{evidence}"
     # The campaign did what it says.
-    assert report.holds >= 50, report.table()
+    assert report.holds >= min_holds, report.table()
     assert set(report.faults) >= set(FAULT_KINDS), report.faults
     assert len(report.hostnames) == 3, report.hostnames
     assert report.stale_refused >= 1, f"no late write reached the fenced resource {where}"
