@@ -44,3 +44,33 @@ class BodyRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task} on {self.entity_uuid}"
+
+
+class SaveCountField(models.PositiveIntegerField):
+    """An integer that every save bumps in its ``pre_save()`` (a save counter, as a
+    version or "last modified" field would be): a save that computes the values twice
+    bumps it twice."""
+
+    def pre_save(self, model_instance: models.Model, add: bool) -> int:
+        value = (getattr(model_instance, self.attname) or 0) + 1
+        setattr(model_instance, self.attname, value)
+        return value
+
+
+class Server(UuidMixin, StateMixin, models.Model):
+    """A StateMixin model with a JSONField and a field whose ``pre_save()`` sets a value."""
+
+    config = models.JSONField(default=dict)
+    saves = SaveCountField(default=0)
+
+    def __str__(self) -> str:
+        return f"server {self.uuid}"
+
+
+class Divisor(models.Model):
+    """Rows a ``post_transition`` receiver reads lazily (``1 / n`` fails where n is 0)."""
+
+    n = models.IntegerField()
+
+    def __str__(self) -> str:
+        return f"divisor {self.n}"
