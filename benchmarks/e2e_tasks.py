@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -27,10 +28,14 @@ from django.conf import settings
 from django.contrib.contenttypes.models import ContentType
 from django.db import transaction
 
+import task_workflow
 from example_project.models import Instance
 from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle, transition
 from task_workflow.throttle import SlotGroup, get_backend
+
+# end_to_end.py reads this line from the worker's log: which copy of the library it measured.
+print(f"e2e_tasks: task_workflow: {task_workflow.__file__}", file=sys.stderr, flush=True)
 
 #: Throttle groups and slots per group of the throttled variants.
 KEYS, CONCURRENCY = 20, 4

@@ -288,6 +288,10 @@ def running_workers(
             worker.start()
         for worker in workers.values():
             worker.wait_ready(app)
+            # e2e_tasks prints which task_workflow the worker imported.
+            marker = "e2e_tasks: "
+            found = [line.split(marker, 1)[1] for line in worker.tail(100_000).splitlines() if marker in line]
+            print(f"worker {worker.profile}: {found[-1] if found else 'task_workflow: (not in its log)'}")
         yield workers
     finally:
         for worker in workers.values():
