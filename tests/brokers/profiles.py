@@ -7,7 +7,7 @@ same settings. No Django here: the module is imported before Django is set up.
 
 ``recommended`` is what README's "Broker restarts" recommends; ``defaults`` is Celery's
 defaults; each other profile is ``recommended`` with one setting dropped or changed, to
-show what that setting does (``benchmarks/broker_restart.py --profiles ...``).
+show what that setting does (``tests/campaigns/test_broker_restart_long.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The broker-restart scenario, shared by the test and ``benchmarks/broker_restart.py``.
+"""The broker-restart scenario, shared by the test and ``tests/campaigns/test_broker_restart_long.py``.
 
 For each profile (``tests.brokers.profiles``) on one broker: a worker of its own
 (prefork, 2 processes, the profile's settings, its own queue and, on Redis, its own
