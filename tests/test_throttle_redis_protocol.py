@@ -32,6 +32,7 @@ from task_workflow.signals import slot_acquired, slot_released
 from task_workflow.tasks import ThrottleTimeout, throttle
 from task_workflow.throttle import RedisThrottleBackend, SlotGroup, get_backend
 from task_workflow.throttle import lease as lease_module
+from task_workflow.throttle import limiter as limiter_module
 from task_workflow.throttle.lease import LeaseRenewer, lease_renewer
 
 pytestmark = [pytest.mark.services]
@@ -368,7 +369,7 @@ def renewer(monkeypatch) -> Iterator[LeaseRenewer]:
     renewer.STALL_AFTER = 0.5
     renewer.WATCHDOG_PERIOD = 0.05
     monkeypatch.setattr(lease_module, "lease_renewer", renewer)
-    monkeypatch.setattr(throttle_module, "lease_renewer", renewer)
+    monkeypatch.setattr(limiter_module, "lease_renewer", renewer)
     yield renewer
     with renewer._condition:
         renewer._due.clear()
