@@ -24,6 +24,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 from django.conf import settings
+from django.core.cache import caches
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import task_workflow.throttle as throttle_module
 from task_workflow.conf import get_setting
@@ -501,38 +504,194 @@ def test_outside_a_task_a_full_group_times_out():
         throttle(name=name, ttl=30, wait=0.05).acquire()
 
 
-# --- The backend's own connections ------------------------------------------------------------
+# --- The backend's own client: redis-py's public path ----------------------------------------
 
 
-def test_calls_reuse_idle_connections_and_drop_one_whose_call_failed(backend):
+def test_the_throttle_socket_timeout_applies_to_the_backends_own_pool(settings):
+    """The backend's client has a pool of its own (the cache's calls keep their
+    timeouts) with the throttle's socket timeout, on the cache's server and database."""
+    settings.TASK_WORKFLOW = {**settings.TASK_WORKFLOW, "THROTTLE_SOCKET_TIMEOUT": 0.75}
+    throttle_module._backends.clear()
+    backend = get_backend()
+    assert isinstance(backend, RedisThrottleBackend)
+    cache_client = caches[get_setting("CACHE")].client.get_client(write=True)
+    own_pool, cache_pool = backend.client.connection_pool, cache_client.connection_pool
+    assert own_pool is not cache_pool
+    assert type(own_pool) is type(cache_pool)
+    assert own_pool.connection_kwargs["socket_timeout"] == 0.75
+    assert own_pool.connection_kwargs["socket_connect_timeout"] == 0.75
+    for name in ("host", "port", "db"):
+        assert own_pool.connection_kwargs.get(name) == cache_pool.connection_kwargs.get(name)
+    assert backend._max_block <= 0.75 / 2  # a BLPOP never outlasts the socket timeout
+    with throttle(name=unique_name(), ttl=30):
+        [connection] = own_pool._available_connections or own_pool._in_use_connections
+    assert connection._sock.gettimeout() == 0.75
+
+
+def test_a_sentinel_managed_pool_is_used_as_it_is():
+    """A pool of another kind (Sentinel's finds the master itself) is not rebuilt."""
+    from redis.sentinel import Sentinel, SentinelConnectionPool
+
+    pool = SentinelConnectionPool("mymaster", Sentinel([("127.0.0.1", 1)]))
+    client = redis.Redis(connection_pool=pool)
+    assert throttle_module.throttle_client(client, 1.0) is client
+
+
+def test_script_calls_go_through_execute_command(backend, monkeypatch):
+    """Instrumentation that wraps the client's ``execute_command`` (tracing, metrics)
+    sees every script call, as ``EVALSHA`` with the group's keys."""
+    seen: list[tuple] = []
+    real = backend.client.execute_command
+
+    def recording(*args, **options):
+        seen.append(args)
+        return real(*args, **options)
+
+    monkeypatch.setattr(backend.client, "execute_command", recording)
     group = SlotGroup(unique_name())
-    for n in range(50):
-        assert backend.acquire(group, f"t{n}", 1, 30.0, meta(group)).acquired
-        assert backend.release(group, f"t{n}")
-    assert len(backend._idle) == 1
+    assert backend.acquire(group, "A", 1, 30.0, meta(group)).acquired
+    assert not backend.acquire(group, "B", 1, 30.0, meta(group)).acquired
+    assert backend.renew(group, "A", "", 30.0)
+    assert backend.release(group, "A")  # a handoff
+    assert backend.wait_for_release(group, "B", 1.0) is not None
+    assert backend.cancel_wait(group, "B") is not None
 
-    def calls_in_parallel() -> None:
-        for n in range(20):
-            token = f"{threading.get_ident()}-{n}"
-            backend.acquire(group, token, 8, 30.0, meta(group))
-            backend.release(group, token)
+    names = [args[0] for args in seen]
+    assert names == ["EVALSHA"] * 4 + ["BLPOP", "EVALSHA"]
+    shas = [args[1] for args in seen if args[0] == "EVALSHA"]
+    assert shas == [
+        backend._acquire.sha,
+        backend._acquire.sha,
+        backend._renew.sha,
+        backend._release.sha,
+        backend._cancel_wait.sha,
+    ]
+    holders = backend._keys(group)[0]
+    assert all(args[3] == holders for args in seen if args[0] == "EVALSHA")
 
-    threads = [threading.Thread(target=calls_in_parallel) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert 1 <= len(backend._idle) <= 4
 
-    broken = backend._idle[-1]
-    broken.disconnect()
-    broken._sock = FailingSocket()  # the next call on it fails midway
-    before = len(backend._idle)
-    with pytest.raises(redis.exceptions.ConnectionError):
-        backend.acquire(group, "unlucky", 1, 30.0, meta(group))
-    assert broken not in backend._idle
-    assert len(backend._idle) == before - 1
-    assert backend.acquire(group, "next", 1, 30.0, meta(group)).acquired  # on a good connection
+def test_a_server_that_forgot_the_scripts_loads_them_again(backend, client):
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "A", 1, 30.0, meta(group)).acquired
+    client.script_flush()
+    assert not backend.acquire(group, "B", 1, 30.0, meta(group)).acquired
+    client.script_flush()
+    assert backend.release(group, "A")  # the release and its announcement, both reloaded
+    handed = backend.wait_for_release(group, "B", 1.0)
+    assert handed is not None
+    assert handed.handed_over
+    client.script_flush()
+    assert backend.renew(group, "B", "", 30.0)
+    assert backend.release(group, "B")
+
+
+#: Keeps the server busy for ARGV[1] ms (a script runs alone), reading its clock.
+BUSY_SCRIPT = """
+local function ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+local until_ms = ms() + tonumber(ARGV[1])
+while ms() < until_ms do end
+return 1
+"""
+
+
+def slow_server_backend(client: redis.Redis, retry: Retry) -> RedisThrottleBackend:
+    """A backend on ``client``'s server whose calls time out after 0.2 s."""
+    kwargs = {**client.connection_pool.connection_kwargs, "socket_timeout": 0.2, "retry": retry}
+    return RedisThrottleBackend(
+        redis.Redis(connection_pool=redis.ConnectionPool(**kwargs)), "tw-test:", restart_grace=0
+    )
+
+
+def keep_busy(client: redis.Redis, ms: int) -> threading.Thread:
+    """Keeps the server busy for ``ms`` from another connection; returns at once."""
+    busy = threading.Thread(target=lambda: client.eval(BUSY_SCRIPT, 0, ms))
+    busy.start()
+    time.sleep(0.05)
+    return busy
+
+
+def test_a_call_that_timed_out_does_not_leave_its_reply_for_the_next_call(own_redis):
+    """A script call whose reply did not come within the socket timeout (no retries
+    configured): redis-py drops that connection, so the late reply (here: a fencing
+    token) is never read as the answer to a later call. The test's own server is kept
+    busy by a script on another connection meanwhile."""
+    client, _ = own_redis
+    backend = slow_server_backend(client, Retry(NoBackoff(), 0))
+    group = SlotGroup(unique_name())
+    # A server up for less than a second grants nothing, whatever the grace.
+    wait_for(lambda: backend.acquire(group, "A", 2, 30.0, meta(group)).acquired)
+    [connection] = backend.client.connection_pool._available_connections
+    busy = keep_busy(client, 600)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        backend.acquire(group, "B", 2, 30.0, meta(group))  # granted, but too late
+    busy.join()
+    assert connection._sock is None, "the timed-out connection was kept"
+    assert backend.renew(group, "A", "", 30.0) is True  # a 1, not B's late fencing token
+    assert backend.acquire(group, "B", 2, 30.0, meta(group)).acquired  # B finds its slot
+    assert sorted(deadlines(backend, group)) == ["A", "B"]
+
+
+def test_a_call_that_redis_py_retries_after_a_timeout_is_granted_once(own_redis):
+    """With the cache's ``retry`` (copied into the backend's pool), redis-py sends a
+    timed-out acquire again; the first one went through, so the second finds the caller's
+    own slot: one slot, one fencing token."""
+    client, _ = own_redis
+    backend = slow_server_backend(client, Retry(NoBackoff(), 3))
+    group = SlotGroup(unique_name())
+    wait_for(lambda: backend.acquire(group, "A", 2, 30.0, meta(group)).acquired)
+    busy = keep_busy(client, 300)
+    granted = backend.acquire(group, "B", 2, 30.0, meta(group))  # times out, then retried
+    busy.join()
+    assert granted.acquired
+    listed = {slot.token: slot.fencing_token for slot in backend.held_slots() if slot.group == group}
+    assert sorted(listed) == ["A", "B"]
+    assert listed["B"] == granted.fencing_token
+
+
+def test_a_connection_the_network_broke_mid_call_is_dropped(backend):
+    """A connection whose socket fails while a script call is sent is disconnected, not
+    given back to the pool as it is; the next call works on a new one."""
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "A", 1, 30.0, meta(group)).acquired
+    pool = backend.client.connection_pool
+    [broken] = pool._available_connections
+    real_socket = broken._sock
+    broken._sock = FailingSocket()
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            backend.release(group, "A")
+        assert broken._sock is None, "the broken connection was kept connected"
+    finally:
+        real_socket.close()
+    assert backend.release(group, "A")  # on a new connection
+    assert deadlines(backend, group) == {}
+
+
+def test_the_backend_works_in_a_forked_child(backend):
+    """redis-py's pool resets itself in a forked child: the child opens its own
+    connections instead of sharing the parent's socket."""
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "parent", 2, 30.0, meta(group)).acquired
+    parent_connection = backend.client.connection_pool._available_connections[0]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            ok = backend.acquire(group, "child", 2, 30.0, meta(group)).acquired
+            fresh = parent_connection not in backend.client.connection_pool._available_connections
+            ok = ok and fresh and backend.release(group, "child")
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert backend.release(group, "parent")  # the parent's connection still answers
 
 
 class FailingSocket:
@@ -638,7 +797,7 @@ def test_a_handoff_announcement_expires_before_the_claim_it_announces(client):
             assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
         assert backend.release(group, "H")  # handed to W under a 300 ms claim
         claim_ends = client.zscore(backend._keys(group)[0], "W")
-        announced_until = client.pexpiretime(backend._wake_key(group, "W"))
+        announced_until = client.pexpiretime(backend._keys(group)[7])  # the group's wake list
         assert 0 < announced_until < claim_ends
 
         wait_for(lambda: deadlines(backend, group)["W"] <= 0, message="W's claim never lapsed")
@@ -657,3 +816,38 @@ def test_a_waiter_that_finds_its_handed_slot_by_attempting_has_no_announcement_l
     assert backend.release(group, "H")  # handed to W
     assert backend.acquire(group, "W", 1, 60.0, meta(group)).acquired  # the own-slot path
     assert not client.exists(backend._wake_key(group, "W"))
+    assert not client.exists(backend._keys(group)[7])  # nor on the group's list
+
+
+def test_a_waiter_that_pops_another_waiters_handoff_passes_it_on(backend, client):
+    """Every waiter blocks on the group's wake list too; Redis serves whoever blocked
+    longest. A waiter that pops an announcement naming another waiter passes it on to that
+    waiter's own list (still owed: once, with its fencing token) and attempts again."""
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "H", 1, 60.0, meta(group)).acquired
+    for token in ("first", "second"):
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    assert backend.release(group, "H")  # handed to "first", announced on the group's list
+    [fence] = [slot.fencing_token for slot in backend.held_slots() if slot.group == group]
+
+    assert backend.wait_for_release(group, "second", 0.05) is None  # popped it: passes it on
+    assert client.lrange(backend._wake_key(group, "first"), 0, -1) == [str(fence).encode()]
+    handed = backend.wait_for_release(group, "first", 0.05)
+    assert handed is not None
+    assert handed.fencing_token == fence
+    assert backend.wait_for_release(group, "first", 0.01) is None  # told once
+    assert backend.waiting(group) == ["second"]
+
+
+def test_a_handoff_passed_on_after_its_slot_was_force_released_is_dropped(backend, client):
+    group = SlotGroup(unique_name())
+    assert backend.acquire(group, "H", 1, 60.0, meta(group)).acquired
+    for token in ("first", "second"):
+        assert not backend.acquire(group, token, 1, 60.0, meta(group)).acquired
+    assert backend.release(group, "H")  # handed to "first"
+    popped = client.lpop(backend._keys(group)[7])  # "second" popped it ... (as BLPOP would)
+    waiter, _, fence = popped.partition(b" ")
+    assert backend.release(group, "first")  # ... the operator force-releases "first" ...
+    backend._pass_on(group, waiter.decode(), fence)  # ... then "second" passes it on
+    assert not client.exists(backend._wake_key(group, "first"))
+    assert backend.wait_for_release(group, "first", 0.01) is None

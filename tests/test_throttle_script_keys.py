@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -57,7 +58,7 @@ def cluster_node() -> Iterator[int]:
     owns every slot, no persistence."""
     if shutil.which("redis-server") is None:
         pytest.skip("needs redis-server on the PATH")
-    port, directory = free_port(), tempfile.mkdtemp(prefix="tw-cluster-")
+    port, directory = cluster_port(), tempfile.mkdtemp(prefix="tw-cluster-")
     process = subprocess.Popen(
         [
             "redis-server",
@@ -91,6 +92,21 @@ def cluster_node() -> Iterator[int]:
         process.kill()
         process.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (``port + 10000``) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _pings(client: redis.Redis) -> bool:
@@ -247,6 +263,15 @@ def run_every_path(backend: RedisThrottleBackend, group: SlotGroup) -> None:
     assert backend.release(group, "D")  # handed to F, then force-released before F woke
     assert backend.release(group, "F")
     assert backend.wait_for_release(group, "F", 0.01) is None
+    assert backend.acquire(group, "P", 1, 60.0, m).acquired
+    for token in ("Q", "R"):
+        assert not backend.acquire(group, token, 1, 60.0, m).acquired
+    assert backend.release(group, "P")  # handed to Q
+    assert backend.wait_for_release(group, "R", 0.05) is None  # R pops it and passes it on
+    assert backend.wait_for_release(group, "Q", 0.05) is not None
+    assert backend.release(group, "Q")  # handed to R
+    assert backend.wait_for_release(group, "R", 0.05) is not None
+    assert backend.release(group, "R")
     assert backend.acquire(group, "G", 1, 0.05, m).acquired  # a short lease that lapses
     time.sleep(0.1)
     assert not backend.renew(group, "G", "", 60.0)  # a renewal of a lapsed lease drops it

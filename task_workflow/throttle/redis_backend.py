@@ -10,14 +10,35 @@ Per group (one Redis Cluster hash tag, so all keys land on one shard):
   attempt pushes it), and ``…:{digest}:waiter_meta`` their lease length and metadata;
   place in line and liveness are kept apart, so attempting again never moves a waiter back;
 - ``…:{digest}:seq`` the group's counter: fencing tokens and places in line;
-- ``…:{digest}:wake:<token>`` a waiter's own list, which it ``BLPOP``s.
+- ``…:{digest}:handed`` hash, token → fencing token of a handoff its waiter has not
+  confirmed yet;
+- ``…:{digest}:wake`` the group's wake list, ``"<waiter token> <fencing token>"`` per
+  handoff not yet taken, and ``…:{digest}:wake:<token>`` a waiter's own list; a waiter
+  ``BLPOP``s both.
 
-A release hands the freed slot straight to the first live waiter in line and wakes it, so
-the waiter holds the slot when its ``BLPOP`` returns: a handoff costs the release's round
-trip and the wake-up, no second acquire. Acquire and release are one round trip each
-(``EVALSHA``). Keys expire on their own when nobody renews, so a crashed fleet leaves
-nothing behind. The scripts write after ``TIME``, which needs Redis >= 5 (effects
-replication).
+The scripts are files of the package, ``scripts/<name>.lua``, each with a header of its
+``KEYS``, ``ARGV``, reply and the invariants it keeps; ``scripts/prelude.lua`` (the key
+layout, the protocol's constants, shared functions) is put in front of each, since Redis
+has no include. Every key a script touches is passed to it in ``KEYS``, as Redis Cluster
+and proxies require: the group's eight keys and the own wake list of the token the call is
+about. A release learns who is first in line only inside its script, so it cannot have
+been given that waiter's own list: it announces the handoff on the group's list, which
+every waiter blocks on besides its own. The waiter named there holds the slot when its
+``BLPOP`` returns (a handoff costs the release's round trip and the wake-up, no second
+acquire); a waiter that pops another's announcement passes it on to that waiter's own
+list (``announce.lua``), which checks that it is still owed (docs/design/throttle-protocol.md,
+"Waking a waiter on Redis"). Acquire and release are one round trip each. Keys expire on
+their own when nobody renews, so a crashed fleet leaves nothing behind. The scripts write
+after ``TIME``, which needs Redis >= 5 (effects replication).
+
+The scripts are called through redis-py's ``Script`` objects (``EVALSHA``, loading the
+script again when the server answers ``NOSCRIPT``) on the client the backend is given
+(:func:`~task_workflow.throttle.factory.throttle_client` builds one with its own pool and
+socket timeout), so redis-py's retries, health checks and instrumentation of
+``execute_command`` apply to them, and its pool makes them thread- and fork-safe. Each
+script is idempotent for its token, so a call that redis-py retries after a lost reply
+does no harm: an acquire that was granted finds its own slot, a release that went
+through finds nothing.
 
 The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md):
 
@@ -27,11 +48,13 @@ The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md
   handoff, ``ZADD XX`` for a renewal of a live lease);
 - a grant (any path) removes the caller from the line; a handoff skips anyone already
   holding a slot;
-- a waiter's wake list announces a handoff (its fencing token) only while the claim it
-  announces is still the waiter's and live: the script that ends the claim early (a release
-  of the waiter's slot: a force release before it woke) or confirms it (its acquire finding
-  the slot) deletes it, and it expires the millisecond before the claim does; so no waiter
-  is granted a slot it no longer holds, nor a fencing token twice;
+- a handoff is announced (its waiter and fencing token) only while the claim it announces
+  is still the waiter's, live and unconfirmed: the script that ends the claim early (a
+  release of the waiter's slot: a force release before it woke) or confirms it (its
+  acquire finding the slot, its renewal, its cancel) withdraws it from both lists,
+  ``announce.lua`` passes it on only while it is still owed and the claim live, and the
+  lists expire no later than the millisecond before the claim does; so no waiter is
+  granted a slot it no longer holds, nor a fencing token twice;
 - whoever sets a deadline extends the group's keys past it;
 - a caller may take a free slot only if fewer than ``concurrency - holders`` live waiters
   are ahead of it in line;
@@ -45,248 +68,43 @@ The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from collections.abc import Iterator
+from importlib.resources import files
 from typing import Any, cast
 
 from redis import Redis
 from redis.commands.core import Script
-from redis.connection import Connection
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import RedisError
 
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
 
-# Shared by every script that reads the clock or writes the group. KEYS (every script):
-# holders, meta, line, alive, waiter_meta, seq.
-PRELUDE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+logger = logging.getLogger(__name__)
 
--- Integers as Redis arguments: Lua's own number formatting would round large ones.
-local function int(n)
-  return string.format('%d', n)
-end
+#: Where the scripts are: ``task_workflow/throttle/scripts/`` (shipped as package data).
+SCRIPTS_DIR = files("task_workflow.throttle") / "scripts"
 
--- Keep the holders and their metadata past a deadline ttl ms from now (never shorten).
-local function extend(ttl)
-  if redis.call('PTTL', KEYS[1]) < ttl then
-    redis.call('PEXPIRE', KEYS[1], 2 * ttl)
-    redis.call('PEXPIRE', KEYS[2], 2 * ttl)
-  end
-end
 
--- The group's next number (fencing tokens, places in line): counts up from the server's
--- clock in microseconds, so a counter that expired or died with the server restarts above
--- every number it gave out (fewer than one per microsecond). Returns nil while a restarted
--- server is within its restart grace, and sets grace_left (ms).
-local grace_left = 0
-local function next_number()
-  local n = redis.call('INCR', KEYS[6])
-  if n == 1 then
-    -- Whole seconds between the start's and now's whole seconds: up to 1 s more than
-    -- has really passed, so count one second less.
-    local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) - 1
-    if uptime * 1000 < {grace_ms} then
-      grace_left = {grace_ms} - uptime * 1000
-      redis.call('DEL', KEYS[6])
-      return nil
-    end
-    n = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    redis.call('SET', KEYS[6], int(n))
-  end
-  redis.call('PEXPIRE', KEYS[6], {seq_ms})
-  return n
-end
+def load_script(name: str) -> str:
+    """The text of ``scripts/<name>.lua`` as Redis runs it: ``prelude.lua`` in front.
 
--- Forget waiters that stopped attempting (gave up without a word, or died).
-local function drop_dead_waiters()
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
-  if #dead > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-    redis.call('ZREM', KEYS[3], unpack(dead))
-    redis.call('HDEL', KEYS[5], unpack(dead))
-  end
-end
+    Redis has no include, so the shared part is concatenated here; Redis's line numbers
+    in a script's errors count the prelude's lines too.
+    """
+    prelude = (SCRIPTS_DIR / "prelude.lua").read_text(encoding="utf-8")
+    return prelude + "\n" + (SCRIPTS_DIR / f"{name}.lua").read_text(encoding="utf-8")
 
-local function leave_line(token)
-  redis.call('ZREM', KEYS[3], token)
-  redis.call('ZREM', KEYS[4], token)
-  redis.call('HDEL', KEYS[5], token)
-end
 
--- A waiter's wake list (same hash tag): KEYS[1] minus its holders suffix is the base key.
-local function wake_key(token)
-  return string.sub(KEYS[1], 1, {base_end}) .. ':wake:' .. token
-end
-
--- "<fencing token> <metadata>" as stored in meta: the fencing token.
-local function fence_of(entry)
-  return tonumber(string.sub(entry, 1, string.find(entry, ' ', 1, true) - 1))
-end
-"""
-
-# ARGV: token, concurrency, ttl_ms, metadata JSON. One integer reply: a grant's fencing
-# token (> 0), or -1 - the milliseconds until the earliest lease runs out (a refusal; the
-# caller is then in line). A refused caller is registered as a waiter with its lease
-# length and metadata, so that a release can hand it the slot directly.
-ACQUIRE_SCRIPT = (
-    PRELUDE
-    + """
-local ttl = tonumber(ARGV[3])
-local limit = tonumber(ARGV[2])
--- A release handed this caller a slot since its last attempt: it holds it; extend it.
-local own = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if own and tonumber(own) > now then
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-  extend(ttl)
-  leave_line(ARGV[1])
-  redis.call('DEL', wake_key(ARGV[1]))  -- the handoff is confirmed: no announcement left
-  return fence_of(redis.call('HGET', KEYS[2], ARGV[1]))
-end
--- Live waiters ahead of this caller (all of them for a newcomer) are served first.
-local ahead, place = 0, false
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  drop_dead_waiters()
-  place = redis.call('ZRANK', KEYS[3], ARGV[1])
-  ahead = place or redis.call('ZCARD', KEYS[3])
-end
-local count = redis.call('ZCARD', KEYS[1])
-if count + ahead >= limit then
-  -- Looks full: drop expired leases (only then, to keep the common path short).
-  local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-  if #expired > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-    redis.call('HDEL', KEYS[2], unpack(expired))
-    count = count - #expired
-  end
-end
-local fence = false
-if count + ahead < limit then
-  fence = next_number()
-end
-if fence then
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
-  redis.call('HSET', KEYS[2], ARGV[1], int(fence) .. ' ' .. ARGV[4])
-  if place then
-    leave_line(ARGV[1])
-  end
-  extend(ttl)
-  return fence
-end
--- Refused: join the line at the back on the first refusal; stay in place after that.
-if not place then
-  redis.call('ZADD', KEYS[3], int(next_number() or (now * 1000)), ARGV[1])
-end
-redis.call('ZADD', KEYS[4], now + {waiter_ms}, ARGV[1])
-redis.call('HSET', KEYS[5], ARGV[1], ARGV[3] .. ' ' .. ARGV[4])
-for i = 3, 5 do
-  redis.call('PEXPIRE', KEYS[i], 2 * {waiter_ms})
-end
-if grace_left > 0 then
-  return -1 - grace_left
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #first == 0 then
-  return -1
-end
-return -1 - math.max(tonumber(first[2]) - now, 0)
-"""
-)
-
-# ARGV: token. Returns 1 when the token held a live lease. The freed slot goes straight to the
-# first live waiter in line that holds no slot: it is added as a holder (``ZADD NX``) with
-# its own metadata under a claim of at most ``CLAIM_MS``, and woken on its personal list
-# ``<group>:wake:<token>`` (same hash tag) with its fencing token, so it holds the slot
-# when BLPOP returns. Nothing else's lease changes. The releaser's own wake list goes too:
-# a slot handed to a waiter and force-released before it woke is no longer announced.
-RELEASE_SCRIPT = (
-    PRELUDE
-    + """
-local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not deadline then
-  return 0  -- not ours (expired and taken, or force-released): free nothing, hand nothing
-end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('DEL', wake_key(ARGV[1]))
--- 1 for a live lease; an expired one was free already (its slot is still handed on).
-local released = tonumber(deadline) > now and 1 or 0
-if redis.call('EXISTS', KEYS[3]) == 0 then
-  return released
-end
-drop_dead_waiters()
-while true do
-  local next = redis.call('ZRANGE', KEYS[3], 0, 0)
-  if #next == 0 then
-    return released
-  end
-  local waiter = next[1]
-  local entry = redis.call('HGET', KEYS[5], waiter)
-  if entry and not redis.call('ZSCORE', KEYS[1], waiter) then
-    local fence = next_number()
-    if not fence then
-      return released  -- a restarted server within its grace: the waiter takes it when it may
-    end
-    leave_line(waiter)
-    local space = string.find(entry, ' ', 1, true)
-    -- A short claim: the woken waiter extends it to its own lease at once, and a waiter
-    -- that died while blocked does not sit on the slot for a whole lease.
-    local claim = math.min(tonumber(string.sub(entry, 1, space - 1)), {claim_ms})
-    redis.call('ZADD', KEYS[1], 'NX', now + claim, waiter)
-    redis.call('HSET', KEYS[2], waiter, int(fence) .. ' ' .. string.sub(entry, space + 1))
-    extend(claim)
-    -- Empty before: a waiter holding no slot has no announcement. A key lives through the
-    -- millisecond of its expiry, a claim does not: end the announcement one before.
-    local wake = wake_key(waiter)
-    redis.call('RPUSH', wake, int(fence))
-    redis.call('PEXPIREAT', wake, int(now + claim - 1))
-    return released
-  end
-  leave_line(waiter)  -- no entry, or it holds a slot already: not a waiter
-end
-"""
-)
-
-# KEYS: the six group keys and the caller's wake list. ARGV: token. A waiter giving up:
-# returns the fencing token of a slot a release handed it meanwhile (it holds it), else
-# takes it out of line and returns 0.
-CANCEL_WAIT_SCRIPT = (
-    PRELUDE
-    + """
-redis.call('DEL', KEYS[7])
-leave_line(ARGV[1])
-local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if deadline and tonumber(deadline) > now then
-  return fence_of(redis.call('HGET', KEYS[2], ARGV[1]))
-end
-return 0
-"""
-)
-
-# ARGV: token, ttl_ms. Returns 1 when renewed, 0 when the slot is lost (gone, or expired:
-# then it is dropped, since another caller may take it any moment).
-RENEW_SCRIPT = (
-    PRELUDE
-    + """
-local ttl = tonumber(ARGV[2])
-local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not deadline then
-  return 0
-end
-if tonumber(deadline) <= now then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[2], ARGV[1])
-  return 0
-end
-redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[1])
-extend(ttl)
-return 1
-"""
-)
+ACQUIRE_SCRIPT = load_script("acquire")
+RELEASE_SCRIPT = load_script("release")
+ANNOUNCE_SCRIPT = load_script("announce")
+RENEW_SCRIPT = load_script("renew")
+CANCEL_WAIT_SCRIPT = load_script("cancel_wait")
 
 HOLDERS_SUFFIX = ":holders"
-KEY_SUFFIXES = (HOLDERS_SUFFIX, ":meta", ":line", ":alive", ":waiter_meta", ":seq")
+#: The group's keys, in the order of the scripts' ``KEYS`` (``scripts/prelude.lua``).
+KEY_SUFFIXES = (HOLDERS_SUFFIX, ":meta", ":line", ":alive", ":waiter_meta", ":seq", ":handed", ":wake")
 
 #: Characters with a meaning in a ``SCAN MATCH`` pattern.
 GLOB_CHARACTERS = "\\*?[]"
@@ -298,7 +116,8 @@ def glob_escape(text: str) -> str:
 
 
 class RedisThrottleBackend(ThrottleBackend):
-    """Slots in Redis, reached through the raw client of a django-redis cache.
+    """Slots in Redis, reached through a redis-py client (the factory gives it a client of
+    the cache's server with a pool and socket timeout of its own).
 
     ``restart_grace`` (seconds): a server that has been up for less than this when a
     group's counter is missing grants nothing in that group until it has; it must be at
@@ -332,33 +151,23 @@ class RedisThrottleBackend(ThrottleBackend):
         self.client = client
         self.key_prefix = key_prefix
         self.restart_grace = restart_grace
-        # Constants go into the scripts' text (read here, at construction): fewer arguments
-        # to pack on every call.
-        constants = {
-            "{waiter_ms}": str(self.WAITER_MS),
-            "{claim_ms}": str(self.CLAIM_MS),
-            "{seq_ms}": str(self.SEQ_MS),
-            "{grace_ms}": str(math.ceil(restart_grace * 1000)),
-            "{base_end}": str(-len(HOLDERS_SUFFIX) - 1),
-        }
-
-        def register(text: str) -> Script:
-            for name, value in constants.items():
-                text = text.replace(name, value)
-            return client.register_script(text)
-
-        self._acquire = register(ACQUIRE_SCRIPT)
-        self._release = register(RELEASE_SCRIPT)
-        self._renew = register(RENEW_SCRIPT)
-        self._cancel_wait = register(CANCEL_WAIT_SCRIPT)
+        # The protocol's constants, ARGV 1-4 of every script (scripts/prelude.lua): read
+        # here, so a subclass or a setting changes them without another script text.
+        self._constants = tuple(
+            b"%d" % value
+            for value in (math.ceil(restart_grace * 1000), self.SEQ_MS, self.WAITER_MS, self.CLAIM_MS)
+        )
+        self._acquire = client.register_script(ACQUIRE_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
+        self._announce = client.register_script(ANNOUNCE_SCRIPT)
+        self._renew = client.register_script(RENEW_SCRIPT)
+        self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
         self._key_cache: dict[SlotGroup, list[bytes]] = {}
-        self._idle: list[Connection] = []
-        self._pid = os.getpid()
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = self.MAX_BLOCK if not timeout else min(self.MAX_BLOCK, timeout / 2)
 
     def _keys(self, group: SlotGroup) -> list[bytes]:
-        """The group's six keys: one hash tag, so one Redis Cluster slot.
+        """The group's eight keys: one hash tag, so one Redis Cluster slot.
 
         Encoded once and cached: acquire and release are sent many times per group.
         """
@@ -375,57 +184,16 @@ class RedisThrottleBackend(ThrottleBackend):
         return f"{self.key_prefix}{{{group.digest}}}"
 
     def _wake_key(self, group: SlotGroup, token: str) -> bytes:
-        return f"{self._base_key(group)}:wake:{token}".encode()
+        """``token``'s own wake list: the group's wake list's key with ``:<token>`` added."""
+        return self._keys(group)[7] + b":" + token.encode()
 
-    def _run(self, script: Script, keys: list[bytes], *args: bytes) -> Any:
-        """``EVALSHA`` of ``script`` on an idle connection of the backend's own, packed by
-        hand.
-
-        The throttle's calls are few and fixed in shape, so they skip redis-py's generic
-        command path (pool checkout with its health check, argument encoding, reply
-        callbacks): about half of a call's client-side cost. A connection whose call failed
-        midway (timeout, lost server, an exception raised into this thread) is dropped,
-        since a reply may still be on its way; a script the server forgot is loaded again.
-        """
-        packed = b"".join(
-            [
-                b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % (3 + len(keys) + len(args), script.sha.encode()),
-                b"$%d\r\n%d\r\n" % (len(str(len(keys))), len(keys)),
-                *[b"$%d\r\n%s\r\n" % (len(part), part) for part in (*keys, *args)],
-            ]
+    def _run(self, script: Script, group: SlotGroup, token: str, *args: bytes) -> Any:
+        """Run ``script`` about ``token``: KEYS the group's keys and ``token``'s wake list,
+        ARGV the protocol's constants, ``token`` and ``args`` (scripts/prelude.lua)."""
+        return script(
+            keys=[*self._keys(group), self._wake_key(group, token)],
+            args=[*self._constants, token.encode(), *args],
         )
-        connection = self._connection()
-        try:
-            connection.send_packed_command([packed], check_health=False)
-            reply = connection.read_response()
-        except NoScriptError:
-            self._idle.append(connection)
-            script.sha = self.client.script_load(script.script)
-            return self._run(script, keys, *args)
-        except ResponseError:
-            self._idle.append(connection)
-            raise
-        except BaseException:
-            connection.disconnect()
-            raise
-        self._idle.append(connection)
-        return reply
-
-    def _connection(self) -> Connection:
-        """An idle connection, or a new one with the throttle client's settings.
-
-        A list of idle connections rather than redis-py's pool: ``pop`` and ``append`` are
-        atomic, so threads and greenlets alike each take their own; it grows to the most
-        calls ever in flight at once. After ``fork`` the parent's connections are left
-        alone (redis-py closes none of another process's sockets).
-        """
-        if self._pid != os.getpid():
-            self._idle, self._pid = [], os.getpid()
-        try:
-            return self._idle.pop()
-        except IndexError:
-            pool = self.client.connection_pool
-            return cast(Connection, pool.connection_class(**pool.connection_kwargs))
 
     def acquire(
         self,
@@ -437,8 +205,8 @@ class RedisThrottleBackend(ThrottleBackend):
     ) -> AcquireResult:
         reply = self._run(
             self._acquire,
-            self._keys(group),
-            token.encode(),
+            group,
+            token,
             b"%d" % concurrency,
             b"%d" % math.ceil(ttl * 1000),
             json.dumps(metadata).encode(),
@@ -448,26 +216,48 @@ class RedisThrottleBackend(ThrottleBackend):
         return AcquireResult(False, (-1 - reply) / 1000)
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        return bool(self._run(self._release, self._keys(group), token.encode()))
+        return bool(self._run(self._release, group, token))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
-        return bool(self._run(self._renew, self._keys(group), token.encode(), b"%d" % math.ceil(ttl * 1000)))
+        return bool(self._run(self._renew, group, token, b"%d" % math.ceil(ttl * 1000)))
 
     def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> AcquireResult | None:
         # BLPOP takes fractional seconds; 0 would block forever, so keep a floor. Capped
         # below the socket timeout, so a wait is never taken for a dead connection.
-        popped = self.client.blpop(
-            [self._wake_key(group, token)], timeout=min(max(timeout, 0.001), self._max_block)
-        )
+        own, shared = self._wake_key(group, token), self._keys(group)[7]
+        popped = self.client.blpop([own, shared], timeout=min(max(timeout, 0.001), self._max_block))
         if popped is None:
             return None
-        # The list announces a handoff only while the claim is still ours and live (the
-        # scripts delete or expire it first), so a popped one is a slot we hold.
-        return AcquireResult(True, handed_over=True, fencing_token=int(popped[1]))
+        value = popped[1] if isinstance(popped[1], bytes) else str(popped[1]).encode()
+        waiter, _, fence = value.rpartition(b" ")
+        # Either list announces a handoff only while the claim is still its waiter's, live
+        # and unconfirmed (the scripts withdraw or expire it first), so one that names us
+        # (the group's) or is ours (our own list: a fencing token alone) is a slot we hold.
+        if not waiter or waiter == token.encode():
+            return AcquireResult(True, handed_over=True, fencing_token=int(fence))
+        # Another waiter's handoff, taken off the group's list because we blocked on it
+        # longer: pass it on to that waiter's own list, then attempt again.
+        self._pass_on(group, waiter.decode(), fence)
+        return None
+
+    def _pass_on(self, group: SlotGroup, waiter: str, fence: bytes) -> None:
+        """Put a handoff announcement for ``waiter`` on its own wake list (announce.lua).
+
+        The slot is the waiter's already: if this fails, it finds the slot at its next
+        attempt (within a second), so the failure is only logged.
+        """
+        try:
+            self._run(self._announce, group, waiter, fence)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "Throttle %s: could not pass a handoff on to its waiter (%s); "
+                "it finds the slot at its next attempt",
+                group,
+                exc,
+            )
 
     def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
-        keys = [*self._keys(group), self._wake_key(group, token)]
-        fence = self._run(self._cancel_wait, keys, token.encode())
+        fence = self._run(self._cancel_wait, group, token)
         return AcquireResult(True, handed_over=True, fencing_token=fence) if fence else None
 
     def waiting(self, group: SlotGroup) -> list[str]:
