@@ -12,8 +12,9 @@ or two slot groups, and checks the protocol's invariants after every step agains
   see it: PostgreSQL in the main run, SQLite in the ``TEST_DATABASE=sqlite`` run.
 
 The budget is modest (``EXAMPLES`` x ``STEPS``), leases are short (0.15-1 s) so that time
-can pass within a test; ``benchmarks/throttle_properties.py`` runs the same machines with
-a much larger budget. Failing examples are kept in ``.hypothesis/`` and replayed first.
+can pass within a test; ``tests/campaigns/test_throttle_properties_budget.py`` (``make
+campaigns``) runs the same machines with a much larger budget. Failing examples are kept
+in ``.hypothesis/`` and replayed first.
 """
 
 from __future__ import annotations

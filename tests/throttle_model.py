@@ -1,7 +1,8 @@
 """A model of the throttle protocol and a state machine that holds a backend to it.
 
 Shared by ``tests/test_throttle_properties.py`` (a modest example budget, run by ``make
-test``) and ``benchmarks/throttle_properties.py`` (a large one). Hypothesis drives one
+test``) and ``tests/campaigns/test_throttle_properties_budget.py`` (a large
+one, ``make campaigns``). Hypothesis drives one
 backend on its real store (Redis, or a DatabaseCache on PostgreSQL or SQLite) with
 sequences of these steps, by callers named ``A``..``E`` (``A2`` is the next caller named
 A) in one or two slot groups of concurrency 1-3:
