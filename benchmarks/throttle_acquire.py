@@ -14,7 +14,13 @@ Variants, in-process, settings ``tests.settings`` with ``REDIS_URL`` at that dat
   the whole public API: the backend's two store calls, the lease, its renewer
   bookkeeping and the slot signals. Goal: <= 1.30x the floor (ratio of the medians);
 - for information, ``get_backend().acquire() + release()``: the backend's two store calls
-  alone, with the metadata ``throttle()`` stores.
+  alone, with the metadata ``throttle()`` stores;
+- for information, ``two no-op scripts``: a script that only ``return 1``s, called twice
+  through redis-py's public ``Script`` with the arguments of an acquire and a release (9
+  KEYS, the 4 protocol constants and the call's own ARGV, ``scripts/prelude.lua``): what
+  redis-py's public command path costs for two script calls of that shape before a script
+  does any work. Its ratio to the floor is the least ``with throttle()`` can reach with
+  public APIs.
 
 The slot is always free: this is the cost of taking and giving back a slot, not of
 waiting for one (``throttle_handoff.py`` measures that). A ``PING`` round trip is printed
@@ -24,6 +30,7 @@ for scale.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -38,6 +45,7 @@ NAME = "throttle_acquire"
 FLOOR = "raw SET NX PX + DEL"
 API = "with throttle()"
 BACKEND = "backend acquire + release"
+SCRIPTS = "two no-op scripts"
 
 
 def make_variants(client: Any) -> dict[str, Callable[[int], None]]:
@@ -72,7 +80,19 @@ def make_variants(client: Any) -> dict[str, Callable[[int], None]]:
         assert result.acquired
         backend.release(group, token, result.slot)
 
-    return {FLOOR: raw, API: api, BACKEND: backend_op}
+    noop = client.register_script("return 1")
+    keys = [f"bench:{{noop}}:{index}".encode() for index in range(9)]
+    constants = [b"60000", b"86400000", b"3000", b"5000"]
+    metadata = json.dumps(
+        {"task_name": "bench.noop", "key": "k", "concurrency": 1, "task_id": None, "hostname": "bench-host"}
+    ).encode()
+
+    def scripts(i: int) -> None:
+        token = uuid.uuid4().hex.encode()
+        noop(keys=keys, args=[*constants, token, b"1", b"60000", metadata])
+        noop(keys=keys, args=[*constants, token])
+
+    return {FLOOR: raw, API: api, BACKEND: backend_op, SCRIPTS: scripts}
 
 
 def ping_us(client: Any, n: int = 1000) -> float:
@@ -102,7 +122,7 @@ def main() -> None:
         f"{NAME}: {args.rounds} rounds x {args.ops} ops per variant, interleaved op by op (us per op)",
         samples,
         FLOOR,
-        informational=[BACKEND],
+        informational=[BACKEND, SCRIPTS],
     )
     harness.verdict(NAME, f"{API} / {FLOOR}", ratios[API], GOAL, unit="x")
 
