@@ -258,10 +258,12 @@ def test_a_holder_killed_with_sigkill_frees_its_slot_within_one_ttl(target: Targ
     pid = holding["pid"]
     assert pid not in {worker.process.pid for worker in target.workers if worker.process}, "not a pool child"
 
+    # The listing reads the store's clock before it reads the leases: a renewal during a
+    # slow listing makes "remaining" count from the start of the look, not from its end.
+    look_started = time.monotonic()
     (slot,) = target.held(name, key)
     assert (slot.pid, slot.task_id, slot.token) == (pid, result.id, holding["token"])
     assert not slot.expired
-    seen_at = time.monotonic()
     # The slot cannot free before this deadline (renewals only push it later). Renewed
     # every ttl/3, a live lease has between 2/3 of its TTL and all of it left.
     remaining = slot.lease_deadline - slot.now
@@ -281,8 +283,8 @@ def test_a_holder_killed_with_sigkill_frees_its_slot_within_one_ttl(target: Targ
 
     freed_after = acquired_at - killed_at
     assert freed_after <= SIGKILL_TTL + 1.0, f"the dead holder's slot freed {freed_after:.2f}s after the kill"
-    assert acquired_at - seen_at >= remaining - target.deadline_slack - 0.05, (
-        f"the slot freed {acquired_at - seen_at:.2f}s after a look that left {remaining:.2f}s of lease"
+    assert acquired_at - look_started >= remaining - target.deadline_slack - 0.05, (
+        f"the slot freed {acquired_at - look_started:.2f}s after a look that left {remaining:.2f}s of lease"
     )
 
     # The worker saw its process die, reported the task failed and carries on.
