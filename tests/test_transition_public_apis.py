@@ -29,7 +29,6 @@ import copy
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,6 +56,7 @@ from django_fsm.signals import post_transition
 from task_workflow.models import TransitionRecord
 from task_workflow.tasks import apply_transition
 from tests.testapp.models import Divisor, Server, Volume
+from tests.waiting import wait_until
 
 pytestmark = [
     pytest.mark.postgres,
@@ -100,24 +100,13 @@ def backend_pid(wrapper: BaseDatabaseWrapper) -> int:
         return int(cursor.fetchone()[0])
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = TIMEOUT) -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def terminate(pid: int) -> None:
     """Terminate a backend, as an operator does, and wait until it is gone."""
     with other_connection() as monitor:
         assert monitor.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone() == (True,)
         wait_until(
             lambda: not monitor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone(),
+            TIMEOUT,
             f"backend {pid} to exit",
         )
 
@@ -416,10 +405,10 @@ def test_a_connection_terminated_while_waiting_for_the_row_lock_fails_the_call()
                 ).fetchall()
                 return [row[0] for row in rows]
 
-            wait_until(lambda: pid in lock_waiters(), f"backend {pid} to wait for the row lock")
+            wait_until(lambda: pid in lock_waiters(), TIMEOUT, f"backend {pid} to wait for the row lock")
             terminate(pid)
             # The call ends, or a new connection waits for the lock again.
-            wait_until(lambda: done.is_set() or lock_waiters(), "the call to end or to wait again")
+            wait_until(lambda: done.is_set() or lock_waiters(), TIMEOUT, "the call to end or to wait again")
         finally:
             holder.rollback()  # the lock released, nothing written by the holder
             done.wait(TIMEOUT)
