@@ -52,9 +52,6 @@ __all__ = [
     "transition",
 ]
 
-#: The header key of a transition, under the name tests and projects import it by.
-_marker_key = marker_key
-
 #: Celery raises these to steer a task (re-queue, drop, reject); they are not failures
 #: of the body and must never move the entity to its error state.
 CONTROL_FLOW_EXCEPTIONS: tuple[type[BaseException], ...] = (Retry, Ignore, Reject)

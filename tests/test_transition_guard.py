@@ -19,9 +19,10 @@ import pytest
 from celery import shared_task
 
 from task_workflow.models import TransitionRecord
+from task_workflow.redelivery import APPLIED_TRANSITIONS_HEADER, Application, marker_key
 from task_workflow.running import celery_will_retry
 from task_workflow.tasks import TransitionNotPermitted, apply_transition, transition
-from task_workflow.transitions import APPLIED_TRANSITIONS_HEADER, Application, TransitionOrigin, _marker_key
+from task_workflow.transitions import TransitionOrigin
 from tests.testapp import guard_tasks
 from tests.testapp.models import BodyRun, Volume
 
@@ -43,7 +44,7 @@ def rerun_headers(volume: Volume, application: Application) -> dict:
     """The headers a re-queued message carries after its first run applied begin_updating."""
     return {
         APPLIED_TRANSITIONS_HEADER: {
-            _marker_key(Volume, volume.uuid, "begin_updating"): application.as_header()
+            marker_key(Volume, volume.uuid, "begin_updating"): application.as_header()
         }
     }
 
@@ -80,7 +81,7 @@ def test_a_rerun_after_the_entity_left_and_came_back_to_the_same_state_is_refuse
 def test_a_rerun_of_a_message_from_before_changed_at_was_recorded_checks_the_state():
     volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
     apply_transition(Volume, volume.uuid, "begin_updating")
-    headers = {APPLIED_TRANSITIONS_HEADER: {_marker_key(Volume, volume.uuid, "begin_updating"): S.UPDATING}}
+    headers = {APPLIED_TRANSITIONS_HEADER: {marker_key(Volume, volume.uuid, "begin_updating"): S.UPDATING}}
     assert update_recording.apply(args=(str(volume.uuid),), headers=headers).get() == "ran"
 
 
