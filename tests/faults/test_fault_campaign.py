@@ -31,6 +31,12 @@ pytestmark = pytest.mark.services
 #: sessions run 15 s, each on a schedule of its own (noxfile.py).
 DURATION = float(os.environ.get("TWF_DURATION", "70"))
 
+#: Holds below which the campaign did not do what it says (the holders were mostly stuck).
+#: Measured on an idle 2-vCPU machine, the same on the code before and after issue #19:
+#: 51-56 holds with 15 s of faults, 128-135 with 70 s; a 15 s matrix session beside two
+#: other suites got 49. A floor that grows with the duration, with room for a loaded machine.
+MIN_HOLDS = int(DURATION) + 20
+
 
 def missing_requirements() -> list[str]:
     missing = [] if os.geteuid() == 0 else ["root"]
@@ -55,12 +61,10 @@ def test_throttle_keeps_its_limit_and_fencing_refuses_stale_writes_under_faults(
         keep_artifacts=os.environ.get("TWF_KEEP") == "1",
     )
     report, artifacts = run_campaign(config)
-    assert_campaign_passed(report, config, artifacts)
+    assert_campaign_passed(report, config, artifacts, min_holds=MIN_HOLDS)
 
 
-def assert_campaign_passed(
-    report: Report, config: CampaignConfig, artifacts: Path, min_holds: int = 50
-) -> None:
+def assert_campaign_passed(report: Report, config: CampaignConfig, artifacts: Path, min_holds: int) -> None:
     """The campaign's checks: the throttle's safety, and that the campaign did what it says."""
     print(report.table())
     evidence = "\n\n".join([v.describe() for v in report.violations if v.cause != "sigstop"] + report.notes)
