@@ -52,26 +52,21 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL") or "redis://127.0.0.1:6379/13"
 # -- set-up ---------------------------------------------------------------------------
 
 
+def _git(where: Path, *args: str) -> str:
+    """``git -C where args``'s output, stripped ("" when git fails)."""
+    return subprocess.run(
+        ["git", "-C", str(where), *args], capture_output=True, text=True, timeout=10, check=False
+    ).stdout.strip()
+
+
 def show_code() -> str:
     """Print (and return) which ``task_workflow`` this process measures, and its commit."""
     import task_workflow
 
     where = Path(task_workflow.__file__).resolve().parent
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(where), "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
+        commit = _git(where, "log", "-1", "--format=%h %cd", "--date=format:%Y-%m-%d %H:%M")
+        dirty = _git(where, "status", "--porcelain", "--", ".")
     except OSError:
         commit, dirty = "", ""
     note = f" (git {commit}{', uncommitted changes' if dirty else ''})" if commit else " (not a git checkout)"
