@@ -1276,6 +1276,75 @@ def test_superusers_see_every_record(admin_client, recorded):
     assert listed(admin_client) == {"begin_stopping", "set_offline", "begin_creating"}
 
 
+def entity_cells(response: Any) -> list[Element]:
+    """The "Entity" cells of the history list, top to bottom."""
+    return page(response).find_all("td", cls="field-entity_link")
+
+
+def test_history_shows_each_entitys_own_name_linked_to_its_change_page(admin_client, recorded):
+    """The entity column shows the entity's ``__str__`` ("vm", not "instance <uuid>"),
+    linked to its change page where its model has an admin page; an entity deleted since
+    shows its model's name and its uuid, unlinked."""
+    gone = Instance.objects.create(name="vm-gone", backend_id="i-9", state=States.ONLINE)
+    apply_transition(Instance, gone.uuid, "begin_stopping")
+    gone_uuid = gone.uuid
+    gone.delete()  # its history stays (no constraint), as after a cleanup
+
+    cells = {cell.text: cell for cell in entity_cells(admin_client.get(HISTORY_URL))}
+
+    assert set(cells) == {"vm", f"volume {recorded.volume.uuid}", f"instance {gone_uuid} (deleted)"}
+    [link] = cells["vm"].find_all("a")
+    assert link.attrs["href"] == reverse("admin:example_instance_change", args=[recorded.instance.pk])
+    assert cells[f"volume {recorded.volume.uuid}"].find_all("a") == []  # Volume has no admin page
+    assert cells[f"instance {gone_uuid} (deleted)"].find_all("a") == []
+
+
+def test_history_reads_the_entities_with_one_query_per_model(admin_client, django_assert_max_num_queries):
+    """A page of 100 records of 100 entities of two models costs the same handful of
+    queries as a page of 4: one query per model for the entities, none per row."""
+    instances = Instance.objects.bulk_create(
+        Instance(name=f"vm-{i:03d}", backend_id=f"i-{i}", state=States.ONLINE) for i in range(60)
+    )
+    volumes = Volume.objects.bulk_create(Volume(state=Volume.States.CREATION_SCHEDULED) for _ in range(40))
+    instance_type = ContentType.objects.get_for_model(Instance)
+    volume_type = ContentType.objects.get_for_model(Volume)
+    TransitionRecord.objects.bulk_create(
+        [
+            *(
+                TransitionRecord(
+                    content_type=instance_type,
+                    object_id=str(entity.pk),
+                    entity_uuid=entity.uuid,
+                    transition="begin_stopping",
+                    source_state="online",
+                    target_state="stopping",
+                )
+                for entity in instances
+            ),
+            *(
+                TransitionRecord(
+                    content_type=volume_type,
+                    object_id=str(entity.pk),
+                    entity_uuid=entity.uuid,
+                    transition="begin_creating",
+                    source_state="creation_scheduled",
+                    target_state="creating",
+                )
+                for entity in volumes
+            ),
+        ]
+    )
+    admin_client.get(HISTORY_URL)  # warm the session and the content type cache
+
+    # Session, user, count, the page, the filter sidebar's queries, and one per model.
+    with django_assert_max_num_queries(12) as queries:
+        response = admin_client.get(HISTORY_URL)
+    texts = {cell.text for cell in entity_cells(response)}
+    assert texts == {f"vm-{i:03d}" for i in range(60)} | {f"volume {v.uuid}" for v in volumes}
+    entity_queries = [q["sql"] for q in queries.captured_queries if '"example_instance"' in q["sql"]]
+    assert len(entity_queries) == 1, entity_queries
+
+
 def test_the_history_inline_shows_the_entity_only_to_those_who_may_see_it(make_user, pages):
     """The inline is on the entity's own page (view permission on the entity needed) and
     lists that entity's records only; without the history permission it is not there."""
