@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -53,6 +54,7 @@ from task_workflow.throttle import (
 from task_workflow.throttle.base import AcquireResult
 from task_workflow.throttle.cache_backend import REGISTRY_KEY
 from task_workflow.throttle.database_backend import GroupRecord
+from tests.waiting import wait_until
 
 REDIS_URL = getattr(settings, "REDIS_URL", "") or "redis://127.0.0.1:6379/15"
 CACHE_TABLE = "tw_test_throttle_backends"
@@ -1230,3 +1232,79 @@ def test_an_interrupt_that_breaks_the_connection_is_raised_not_retried(db_backen
     with pytest.raises(_Interrupt):
         db_backend._run(work, write=True)
     assert calls == [0], "the interrupted change ran again on a fresh connection"
+
+
+# --- Waiters as operators see them ---------------------------------------------------------
+
+
+WAITING_ALIAS = "tw_test_waiting_calls"
+
+
+def test_waiting_calls_list_callers_blocked_in_throttle_in_line_order(backend, monkeypatch):
+    """A holder and two callers blocked in ``throttle(...).acquire()`` in threads of their
+    own: ``waiting_calls()`` lists both, first come first, places 1 and 2, with when each
+    first asked and its host and pid (where the store keeps them); the holder is no waiter.
+    When the holder releases, the first takes the slot and the second moves up to place 1."""
+    from task_workflow.tasks import throttle
+    from task_workflow.throttle import factory
+
+    monkeypatch.setitem(factory._backends, (os.getpid(), WAITING_ALIAS), backend)
+    name = f"tests.backends.{uuid.uuid4().hex[:12]}"
+    group = SlotGroup(name, "eu-west-1")
+
+    def limiter():
+        return throttle(key="eu-west-1", name=name, concurrency=1, wait=60, ttl=30, cache=WAITING_ALIAS)
+
+    def calls_of_group() -> list:
+        return [call for call in backend.waiting_calls() if call.group == group]
+
+    started = time.time()
+    holder = limiter().acquire()
+    leases: dict[str, Any] = {}
+    threads = []
+    try:
+        for label in ("first", "second"):
+            thread = threading.Thread(
+                target=in_thread(lambda label=label: leases.__setitem__(label, limiter().acquire())),
+                daemon=True,
+            )
+            thread.start()
+            threads.append(thread)
+            count = len(threads)
+            wait_until(lambda count=count: len(calls_of_group()) == count, 10, f"{count} waiter(s) in line")
+        # The threads keep attempting (several times a second) while the line is read.
+        first, second = calls_of_group()
+        assert [first.place, second.place] == [1, 2]
+        assert holder.token not in {first.token, second.token}
+        assert first.token != second.token
+        if isinstance(backend, CacheThrottleBackend):
+            assert (first.since, first.pid, first.hostname) == (None, None, None)  # a cache keeps tokens only
+        else:
+            assert first.since is not None
+            assert second.since is not None
+            assert started - 1 <= first.since <= second.since <= time.time() + 1
+            assert first.waited_for is not None
+            assert first.waited_for >= 0
+            assert (first.pid, second.pid) == (os.getpid(), os.getpid())
+            assert first.hostname == socket.gethostname()
+            assert (first.task_id, first.concurrency) == (None, 1)
+        assert not any(call.token == holder.token for call in backend.waiting_calls())
+
+        holder.release()
+        wait_until(lambda: "first" in leases, 10, "the first waiter to take the slot")
+        [moved_up] = wait_until(
+            lambda: (calls := calls_of_group()) and len(calls) == 1 and calls, 10, "one waiter left"
+        )
+        assert (moved_up.token, moved_up.place) == (second.token, 1)
+        if moved_up.since is not None:
+            assert moved_up.since == pytest.approx(second.since, abs=0.001)  # its first request still
+        leases["first"].release()
+        wait_until(lambda: "second" in leases, 10, "the second waiter to take the slot")
+        assert calls_of_group() == []
+    finally:
+        holder.release()
+        for lease in list(leases.values()):
+            lease.release()
+        for thread in threads:
+            thread.join(15)
+    assert not any(thread.is_alive() for thread in threads)

@@ -30,7 +30,7 @@ from __future__ import annotations
 # (``X as X`` marks a re-export): the re-queue header and function, the store errors, the
 # settings default, the Redis client builder, and the per-process backend registry (tests
 # clear it).
-from .base import HeldSlot, SlotGroup, ThrottleBackend
+from .base import HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
 from .cache_backend import CacheThrottleBackend
 from .database_backend import DatabaseCacheThrottleBackend
 from .errors import STORE_ERRORS as STORE_ERRORS
@@ -55,6 +55,7 @@ __all__ = [
     "ThrottleBackend",
     "ThrottleTimeout",
     "ThrottleUnavailable",
+    "WaitingCall",
     "get_backend",
     "throttle",
 ]

@@ -74,18 +74,32 @@ class AcquireResult:
 class HeldSlot:
     """One held slot, as operators see it."""
 
+    #: The slot group the slot belongs to (task name and key).
     group: SlotGroup
+    #: The holder's owner token: a random string, the holder's name in the store.
     token: str
+    #: Which slot: the slot number on the generic and database backends, the token's
+    #: first 8 characters on Redis (whose slots are not numbered).
     slot: str
+    #: The group's limit as its holder asked for it (``0`` when the store lost it).
     concurrency: int
+    #: The Celery task id of the holder, ``None`` when it was taken outside a task.
     task_id: str | None
+    #: The holder's worker host name (``celery@…`` inside a task, else the machine's name).
     hostname: str | None
+    #: The holder's process id.
     pid: int | None
+    #: When the holder's granted attempt was sent (seconds since the epoch, its host's
+    #: clock); ``None`` when the store did not record it.
     acquired_at: float | None
+    #: Until when the lease runs unless renewed (seconds since the epoch, the store's clock).
     lease_deadline: float
+    #: The store's clock when the slot was read (seconds since the epoch): the times above
+    #: are relative to it.
     now: float
     #: The grant's fencing token (``None`` where the store did not record one).
     fencing_token: int | None = None
+    #: Anything else the backend knows about the holder (empty for the built-in backends).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,6 +134,37 @@ class HeldSlot:
         if not all(isinstance(v, str) for v in (task_name, token, slot)) or not isinstance(key, str | None):
             raise ValueError(f"not a throttle slot reference: {ref!r}")
         return SlotGroup(task_name, key), token, slot
+
+
+@dataclass(frozen=True)
+class WaitingCall:
+    """A caller waiting for a slot of its group (refused, and attempting again), as
+    operators see it. Listed by :meth:`ThrottleBackend.waiting_calls`."""
+
+    #: The slot group it waits for (task name and key).
+    group: SlotGroup
+    #: Its owner token: the token it will hold the slot under.
+    token: str
+    #: Its place in the group's line of live waiters: 1 is served next.
+    place: int
+    #: When it first asked for the slot (seconds since the epoch), ``None`` where the store
+    #: does not record it (the generic cache backend).
+    since: float | None
+    #: The store's clock when the line was read (seconds since the epoch).
+    now: float
+    #: The group's limit as the waiter asked for it, ``None`` where not recorded.
+    concurrency: int | None = None
+    #: The waiter's Celery task id, ``None`` outside a task or where not recorded.
+    task_id: str | None = None
+    #: The waiter's worker host name, ``None`` where not recorded.
+    hostname: str | None = None
+    #: The waiter's process id, ``None`` where not recorded.
+    pid: int | None = None
+
+    @property
+    def waited_for(self) -> float | None:
+        """Seconds since it first asked (``None`` when :attr:`since` is unknown)."""
+        return None if self.since is None else max(self.now - self.since, 0.0)
 
 
 class ThrottleBackend(abc.ABC):
@@ -180,3 +225,11 @@ class ThrottleBackend(abc.ABC):
     @abc.abstractmethod
     def held_slots(self) -> list[HeldSlot]:
         """Every slot currently recorded in the store (expired leases included)."""
+
+    def waiting_calls(self) -> list[WaitingCall]:
+        """Every live waiter of every group, each group's line first in line first.
+
+        For operators (the admin's throttle locks page, ``manage.py throttle_locks``); a
+        backend that cannot list its waiters returns an empty list.
+        """
+        return []

@@ -52,7 +52,7 @@ from typing import Any
 from django.core.cache import caches
 from django.core.cache.backends.base import BaseCache
 
-from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
+from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
 from .redis_backend import held_slot_from_metadata
 
 #: Every key of the throttle starts with this.
@@ -324,3 +324,16 @@ class CacheThrottleBackend(ThrottleBackend):
                 current.pop(digest, None)
             cache.set(REGISTRY_KEY, current, timeout=None)
         return slots
+
+    def waiting_calls(self) -> list[WaitingCall]:
+        """The live waiters of the groups operators can list (those with a slot held since
+        their last listing), in line order. A cache keeps only a waiter's token and place:
+        its task, host and time of arrival are not known (``None``)."""
+        registry: dict[str, dict[str, Any]] = self.cache.get(REGISTRY_KEY) or {}
+        now = time.time()
+        calls = []
+        for info in registry.values():
+            group = SlotGroup(info["task_name"], info.get("key"))
+            for place, token in enumerate(self.waiting(group), start=1):
+                calls.append(WaitingCall(group=group, token=token, place=place, since=None, now=now))
+        return calls

@@ -60,8 +60,8 @@ from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.utils import CursorWrapper
 
-from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
-from .redis_backend import held_slot_from_metadata
+from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
+from .redis_backend import held_slot_from_metadata, waiting_call_from_metadata
 
 T = TypeVar("T")
 
@@ -81,9 +81,10 @@ class GroupRecord:
 
     ``holders`` maps owner tokens to their lease (``deadline``, ``fencing_token``,
     ``slot``) and the metadata of their acquire; ``line`` maps waiting tokens to until
-    when they count as waiting, in order of first arrival. Times are seconds of the
-    database's clock. Each operation returns whether it changed the record (else nothing
-    is written).
+    when they count as waiting, in order of first arrival; ``waiters`` maps the same
+    tokens to when they first asked (``waiting_since``) and the metadata of that attempt,
+    for operators. Times are seconds of the database's clock. Each operation returns
+    whether it changed the record (else nothing is written).
     """
 
     task_name: str
@@ -91,6 +92,7 @@ class GroupRecord:
     counter: int = 0
     holders: dict[str, dict[str, Any]] = field(default_factory=dict)
     line: dict[str, float] = field(default_factory=dict)
+    waiters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, value: Any, group: SlotGroup) -> GroupRecord:
@@ -102,6 +104,8 @@ class GroupRecord:
                 counter=int(value.get("counter", 0)),
                 holders=dict(value.get("holders", {})),
                 line=dict(value.get("line", {})),
+                # Absent from records written before it was kept.
+                waiters=dict(value.get("waiters", {})),
             )
         return cls(group.task_name, group.key)
 
@@ -114,6 +118,7 @@ class GroupRecord:
             "counter": self.counter,
             "holders": self.holders,
             "line": self.line,
+            "waiters": self.waiters,
         }
 
     @property
@@ -127,8 +132,13 @@ class GroupRecord:
         for token in expired:
             del self.holders[token]
         for token in gone:
-            del self.line[token]
+            self._leave(token)
         return bool(expired or gone)
+
+    def _leave(self, token: str) -> bool:
+        """Take ``token`` out of line with its waiter record; whether it was in line."""
+        self.waiters.pop(token, None)
+        return self.line.pop(token, None) is not None
 
     def acquire(
         self,
@@ -145,7 +155,7 @@ class GroupRecord:
         own = self.holders.get(token)
         if own is not None:  # already holds one (a repeated attempt): keep it, extend it
             own["deadline"] = now + ttl
-            self.line.pop(token, None)
+            self._leave(token)
             return AcquireResult(True, slot=str(own["slot"]), fencing_token=own["fencing_token"]), True
         # Live waiters ahead of this caller (all of them, for a newcomer) are served first.
         order = list(self.line)
@@ -161,10 +171,12 @@ class GroupRecord:
                 "fencing_token": fence,
                 "slot": slot,
             }
-            self.line.pop(token, None)
+            self._leave(token)
             return AcquireResult(True, slot=str(slot), fencing_token=fence), True
         # Refused: the first refusal is the arrival (the back of the line); later ones only
         # refresh liveness (assigning to a present key keeps its place in a dict).
+        if token not in self.line:
+            self.waiters[token] = {**metadata, "waiting_since": now}
         self.line[token] = now + waiter_seconds
         deadlines = [lease["deadline"] for lease in self.holders.values()]
         # All slots held: until the earliest lease ends. Else the caller waits its turn in
@@ -175,7 +187,7 @@ class GroupRecord:
     def release(self, token: str, now: float) -> tuple[bool, bool]:
         """Remove ``token``'s lease (``True`` if it was live) and its place in line."""
         lease = self.holders.pop(token, None)
-        left_line = self.line.pop(token, None) is not None
+        left_line = self._leave(token)
         removed = lease is not None and lease["deadline"] > now
         return removed, lease is not None or left_line or self.sweep(now)
 
@@ -190,11 +202,20 @@ class GroupRecord:
 
     def leave_line(self, token: str) -> bool:
         """Take ``token`` out of line (a waiter giving up)."""
-        return self.line.pop(token, None) is not None
+        return self._leave(token)
 
     def live_waiters(self, now: float) -> list[str]:
         """Tokens of the live waiters, first in line first."""
         return [token for token, alive_until in self.line.items() if alive_until > now]
+
+    def waiting_calls(self, now: float) -> list[WaitingCall]:
+        """The live waiters as operators see them, first in line first."""
+        group = self.group
+        calls = []
+        for place, token in enumerate(self.live_waiters(now), start=1):
+            meta = {**self.waiters.get(token, {}), "task_name": group.task_name, "key": group.key}
+            calls.append(waiting_call_from_metadata(token, place, meta, now))
+        return calls
 
     def keep_until(self, now: float) -> float:
         """The latest moment anything recorded still matters (before the margin)."""
@@ -347,26 +368,8 @@ class DatabaseCacheThrottleBackend(ThrottleBackend):
 
     def held_slots(self) -> list[HeldSlot]:
         """Every holder recorded in the table's throttle rows, in one ``SELECT``."""
-        statement = "SELECT {key}, {value}, {now} FROM {table} WHERE {expires} > %s"
-        params: list[Any] = [self._expires(time.time())]
-        if self._stored_prefix is not None:
-            escaped = self._stored_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            statement += " AND {key} LIKE %s ESCAPE '\\'"
-            params.append(escaped + "%")
-
-        def read(cursor: CursorWrapper) -> list[tuple[str, str, Any]]:
-            cursor.execute(self._sql(statement), params)
-            return list(cursor.fetchall())
-
         slots = []
-        for row_key, raw, db_now in self._run(read, write=False):
-            value = self._decode(raw)
-            if not (isinstance(value, dict) and value.get("format") == RECORD_FORMAT):
-                continue  # another cache entry
-            record = GroupRecord.load(value, SlotGroup(""))
-            if self._stored_prefix is None and row_key != self._row_key(record.group):
-                continue  # a custom KEY_FUNCTION: a record of another key prefix or version
-            now = self._now(db_now)
+        for record, now in self._records():
             for token, lease in record.holders.items():
                 meta = {**lease, "task_name": record.task_name, "key": record.key}
                 slots.append(
@@ -380,6 +383,35 @@ class DatabaseCacheThrottleBackend(ThrottleBackend):
                     )
                 )
         return slots
+
+    def waiting_calls(self) -> list[WaitingCall]:
+        """Every live waiter recorded in the table's throttle rows, in one ``SELECT``;
+        "since" is the database's clock at its first refused attempt."""
+        return [call for record, now in self._records() for call in record.waiting_calls(now)]
+
+    def _records(self) -> list[tuple[GroupRecord, float]]:
+        """Every group record of the table with the database's clock, in one ``SELECT``."""
+        statement = "SELECT {key}, {value}, {now} FROM {table} WHERE {expires} > %s"
+        params: list[Any] = [self._expires(time.time())]
+        if self._stored_prefix is not None:
+            escaped = self._stored_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            statement += " AND {key} LIKE %s ESCAPE '\\'"
+            params.append(escaped + "%")
+
+        def read(cursor: CursorWrapper) -> list[tuple[str, str, Any]]:
+            cursor.execute(self._sql(statement), params)
+            return list(cursor.fetchall())
+
+        records = []
+        for row_key, raw, db_now in self._run(read, write=False):
+            value = self._decode(raw)
+            if not (isinstance(value, dict) and value.get("format") == RECORD_FORMAT):
+                continue  # another cache entry
+            record = GroupRecord.load(value, SlotGroup(""))
+            if self._stored_prefix is None and row_key != self._row_key(record.group):
+                continue  # a custom KEY_FUNCTION: a record of another key prefix or version
+            records.append((record, self._now(db_now)))
+        return records
 
     def close(self) -> None:
         """Close this backend's private connections, of every thread (tests, shutdown).

@@ -70,6 +70,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any, cast
@@ -78,7 +79,7 @@ from redis import Redis
 from redis.commands.core import Script
 from redis.exceptions import RedisError
 
-from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend
+from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ RENEW_SCRIPT = load_script("renew")
 CANCEL_WAIT_SCRIPT = load_script("cancel_wait")
 
 HOLDERS_SUFFIX = ":holders"
+LINE_SUFFIX = ":line"
 #: The group's keys, in the order of the scripts' ``KEYS`` (``scripts/prelude.lua``).
 KEY_SUFFIXES = (HOLDERS_SUFFIX, ":meta", ":line", ":alive", ":waiter_meta", ":seq", ":handed", ":wake")
 
@@ -163,6 +165,10 @@ class RedisThrottleBackend(ThrottleBackend):
         self._renew = client.register_script(RENEW_SCRIPT)
         self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
         self._key_cache: dict[SlotGroup, list[bytes]] = {}
+        # token -> when this process's refused caller first asked (its first refused
+        # attempt's ``acquired_at``), sent with its later attempts as ``waiting_since``.
+        self._arrivals: dict[str, float] = {}
+        self._arrivals_lock = threading.Lock()
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = self.MAX_BLOCK if not timeout else min(self.MAX_BLOCK, timeout / 2)
 
@@ -203,6 +209,12 @@ class RedisThrottleBackend(ThrottleBackend):
         ttl: float,
         metadata: dict[str, Any],
     ) -> AcquireResult:
+        # A waiter's line entry keeps its metadata of its latest attempt: a caller refused
+        # before carries when it first asked, for operators ("waiting since"). The first
+        # attempt carries nothing more (its own acquired_at is that moment).
+        since = self._arrivals.get(token)
+        if since is not None:
+            metadata = {**metadata, "waiting_since": since}
         reply = self._run(
             self._acquire,
             group,
@@ -212,10 +224,32 @@ class RedisThrottleBackend(ThrottleBackend):
             json.dumps(metadata).encode(),
         )
         if reply > 0:
+            if since is not None:
+                self._forget_arrival(token)
             return AcquireResult(True, fencing_token=reply)
+        if since is None:
+            self._note_arrival(token, metadata.get("acquired_at"))
         return AcquireResult(False, (-1 - reply) / 1000)
 
+    #: Refused callers whose first request this process remembers; past it, the oldest go
+    #: (they show the time of a later attempt as their "waiting since").
+    ARRIVALS_SIZE = 10_000
+
+    def _note_arrival(self, token: str, acquired_at: Any) -> None:
+        if not isinstance(acquired_at, int | float):
+            return
+        with self._arrivals_lock:
+            if len(self._arrivals) >= self.ARRIVALS_SIZE:
+                for oldest in list(self._arrivals)[: self.ARRIVALS_SIZE // 10]:
+                    del self._arrivals[oldest]
+            self._arrivals.setdefault(token, float(acquired_at))
+
+    def _forget_arrival(self, token: str) -> None:
+        with self._arrivals_lock:
+            self._arrivals.pop(token, None)
+
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
+        self._forget_arrival(token)
         return bool(self._run(self._release, group, token))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
@@ -234,6 +268,7 @@ class RedisThrottleBackend(ThrottleBackend):
         # and unconfirmed (the scripts withdraw or expire it first), so one that names us
         # (the group's) or is ours (our own list: a fencing token alone) is a slot we hold.
         if not waiter or waiter == token.encode():
+            self._forget_arrival(token)
             return AcquireResult(True, handed_over=True, fencing_token=int(fence))
         # Another waiter's handoff, taken off the group's list because we blocked on it
         # longer: pass it on to that waiter's own list, then attempt again.
@@ -257,6 +292,7 @@ class RedisThrottleBackend(ThrottleBackend):
             )
 
     def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
+        self._forget_arrival(token)
         fence = self._run(self._cancel_wait, group, token)
         return AcquireResult(True, handed_over=True, fencing_token=fence) if fence else None
 
@@ -296,6 +332,49 @@ class RedisThrottleBackend(ThrottleBackend):
 
     #: Groups read per pipelined round trip when listing.
     LIST_BATCH = 500
+
+    def waiting_calls(self) -> list[WaitingCall]:
+        """Every live waiter, read from each group's line (order of first arrival), its
+        liveness and its metadata; "since" is when it first asked (its host's clock)."""
+        seconds, micros = self.client.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        pattern = f"{glob_escape(self.key_prefix)}{{*}}{LINE_SUFFIX}"
+        calls: list[WaitingCall] = []
+        batch: list[str] = []
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key.decode() if isinstance(key, bytes) else key)
+            if len(batch) >= self.LIST_BATCH:
+                calls.extend(self._read_lines(batch, now_ms))
+                batch = []
+        if batch:
+            calls.extend(self._read_lines(batch, now_ms))
+        return calls
+
+    def _read_lines(self, line_keys: list[str], now_ms: int) -> list[WaitingCall]:
+        pipe = self.client.pipeline(transaction=False)
+        for line_key in line_keys:
+            base = line_key[: -len(LINE_SUFFIX)]
+            pipe.zrange(line_key, 0, -1)
+            pipe.zrange(f"{base}:alive", 0, -1, withscores=True)
+            pipe.hgetall(f"{base}:waiter_meta")
+        replies = pipe.execute()
+        calls: list[WaitingCall] = []
+        for line, alive, metas in zip(replies[::3], replies[1::3], replies[2::3], strict=True):
+            live = {bytes(member) for member, until in alive if until > now_ms}
+            place = 0
+            for raw_token in line:
+                raw_token = bytes(raw_token)
+                entry = metas.get(raw_token)
+                if raw_token not in live or entry is None:
+                    continue  # stopped attempting (dropped at the group's next script)
+                place += 1
+                _, _, meta_text = bytes(entry).partition(b" ")
+                try:
+                    meta = json.loads(meta_text)
+                except ValueError:
+                    meta = {}
+                calls.append(waiting_call_from_metadata(raw_token.decode(), place, meta, now_ms / 1000))
+        return calls
 
     def _read_groups(self, holder_keys: list[str], now: float) -> list[HeldSlot]:
         pipe = self.client.pipeline(transaction=False)
@@ -350,4 +429,22 @@ def held_slot_from_metadata(
         lease_deadline=lease_deadline,
         now=now,
         fencing_token=fencing_token if fencing_token is not None else meta.get("fencing_token"),
+    )
+
+
+def waiting_call_from_metadata(token: str, place: int, meta: dict[str, Any], now: float) -> WaitingCall:
+    """Build a :class:`WaitingCall` from the metadata a throttle sends with its attempts
+    (``waiting_since``, else the attempt's own ``acquired_at``, is when it first asked)."""
+    since = meta.get("waiting_since", meta.get("acquired_at"))
+    concurrency = meta.get("concurrency")
+    return WaitingCall(
+        group=SlotGroup(meta.get("task_name", "?"), meta.get("key")),
+        token=token,
+        place=place,
+        since=float(since) if isinstance(since, int | float) else None,
+        now=now,
+        concurrency=int(concurrency) if isinstance(concurrency, int) else None,
+        task_id=meta.get("task_id"),
+        hostname=meta.get("hostname"),
+        pid=meta.get("pid"),
     )
