@@ -1,8 +1,11 @@
 """A PNG Gantt chart of the ``make demo`` timeline (see :mod:`example_project.timeline`).
 
 One lane per worker process; each task run is a bar from its ``start`` to its ``end``
-event, coloured by outcome; throttled slot holds are hatched bands inside the bars; state
-transitions are tick marks under the bars with the target state. Drawn with matplotlib
+event, coloured by outcome; the part of a run spent waiting for a throttle slot (from its
+``slot waiting`` event to its ``slot acquired``) is covered by a grey cross-hatched box, so
+it does not read as running; throttled slot holds are hatched bands inside the bars; state
+transitions are tick marks under the bars with the target state. The legend lists only the
+kinds of thing the run has. Drawn with matplotlib
 (the ``dev`` extra) on a figure of its own Agg canvas, without pyplot or any global state;
 importing this module raises ``ImportError`` without matplotlib.
 
@@ -33,6 +36,11 @@ from matplotlib.transforms import Bbox
 SUCCESS_COLOUR, FAILURE_COLOUR = "#62b268", "#d64e46"
 RETRY_COLOUR = "#eca82c"  # a busy slot or self.retry() re-queued the task
 UNKNOWN_COLOUR = "#a8a8a8"  # no end event, or another final state
+#: A run waiting for its throttle slot: neither running nor holding anything yet.
+WAIT_COLOUR, WAIT_EDGE, WAIT_HATCH = "#e1e4e8", "#7d848c", "xx"
+#: Waits shorter than this (seconds) are the store's round trip of a slot granted at once,
+#: not waiting for another holder: not drawn.
+MIN_WAIT = 0.05
 OUTCOMES = dict(SUCCESS=SUCCESS_COLOUR, FAILURE=FAILURE_COLOUR, RETRY=RETRY_COLOUR, UNKNOWN=UNKNOWN_COLOUR)
 LEGEND = dict(SUCCESS="success", FAILURE="failure", RETRY="retry / re-queued", UNKNOWN="no end / other state")
 #: Slot groups get these in order of first acquisition (then repeat).
@@ -76,6 +84,18 @@ class TaskRun:
 
 
 class SlotHold(NamedTuple):
+    """A slot of ``group`` held by process ``pid`` from ``start`` to ``end``."""
+
+    group: str
+    pid: int
+    start: float
+    end: float
+
+
+class SlotWait(NamedTuple):
+    """Process ``pid`` waiting for a slot of ``group`` from ``start`` until it got one (or
+    its run ended without one) at ``end``."""
+
     group: str
     pid: int
     start: float
@@ -102,6 +122,7 @@ class ChartLayout:
     queues: dict[int, str] = field(default_factory=dict)
     runs: list[TaskRun] = field(default_factory=list)
     holds: list[SlotHold] = field(default_factory=list)
+    waits: list[SlotWait] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     slot_colours: dict[str, str] = field(default_factory=dict)
 
@@ -111,9 +132,20 @@ class ChartLayout:
         return max(self.duration, 1e-3) * 1.02
 
     @property
+    def outcomes(self) -> list[str]:
+        """The outcomes of the runs shown, in legend order."""
+        present = {run.outcome for run in self.runs}
+        return [outcome for outcome in OUTCOMES if outcome in present]
+
+    @property
+    def legend_entries(self) -> int:
+        """How many entries the legend has: only the kinds of thing the chart shows."""
+        return len(self.outcomes) + bool(self.waits) + len(self.slot_colours) + bool(self.transitions)
+
+    @property
     def size(self) -> tuple[int, int]:
         """The PNG's (width, height) in pixels."""
-        legend_rows = math.ceil((len(OUTCOMES) + len(self.slot_colours) + 1) / LEGEND_COLUMNS)
+        legend_rows = math.ceil(self.legend_entries / LEGEND_COLUMNS)
         return WIDTH, TOP + len(self.pids) * LANE_HEIGHT + AXIS_HEIGHT + legend_rows * LEGEND_ROW + BOTTOM
 
 
@@ -126,6 +158,13 @@ def layout_timeline(events: Iterable[dict[str, Any]]) -> ChartLayout | None:
     layout = ChartLayout(duration=float(ordered[-1]["t"]) - origin)
     open_runs: dict[tuple[int, str], list[TaskRun]] = {}  # starts and ends pair in order
     open_holds: dict[tuple[str, int], float] = {}
+    open_waits: dict[tuple[str, int], float] = {}
+
+    def close_wait(key: tuple[str, int], at: float) -> None:
+        start = open_waits.pop(key)
+        if at - start >= MIN_WAIT:
+            layout.waits.append(SlotWait(key[0], key[1], start, at))
+
     for event in ordered:
         pid, kind, at = int(event["pid"]), event.get("event"), float(event["t"]) - origin
         task = str(event.get("task", "?"))
@@ -143,15 +182,23 @@ def layout_timeline(events: Iterable[dict[str, Any]]) -> ChartLayout | None:
             if kind == "end":
                 pending[0].end, pending[0].state = at, event.get("state")
                 pending.pop(0)
+                for key in [key for key in open_waits if key[1] == pid]:  # gave up: re-queued
+                    close_wait(key, at)
+        elif kind == "slot" and event.get("action") == "waiting":
+            open_waits[str(event.get("group")), pid] = at
         elif kind == "slot" and event.get("action") == "acquired":
+            if (key := (str(event.get("group")), pid)) in open_waits:
+                close_wait(key, at)
             open_holds[str(event.get("group")), pid] = at
         elif kind == "slot" and (key := (str(event.get("group")), pid)) in open_holds:
             layout.holds.append(SlotHold(key[0], pid, open_holds.pop(key), at))
         elif kind == "transition":
             entity, target = str(event.get("entity", "")), str(event.get("target", ""))
             layout.transitions.append(Transition(pid, at, entity, target))
-    end = layout.duration  # of runs and slot holds that never ended
+    end = layout.duration  # of runs, waits and slot holds that never ended
     layout.holds += [SlotHold(group, pid, start, end) for (group, pid), start in open_holds.items()]
+    for key in list(open_waits):
+        close_wait(key, end)
     for run in layout.runs:
         run.end = end if math.isnan(run.end) else run.end
     # Workers of one queue next to each other, queues and workers in order of appearance.
@@ -196,6 +243,12 @@ def _draw_lane(ax: Axes, renderer: RendererBase, layout: ChartLayout, lane: int,
     colours = [outcome_colour(run.outcome) for run in runs]
     spans = [(run.start, max(run.end - run.start, MIN_BAR / px)) for run in runs]
     ax.broken_barh(spans, (top, BAR_HEIGHT), facecolors=colours, edgecolors=EDGE, gid=f"runs {pid}")
+    waits = [(w.start, w.end - w.start) for w in layout.waits if w.pid == pid]
+    if waits:  # over the run's bar: the run is not working yet
+        ax.broken_barh(
+            waits, (top, BAR_HEIGHT), facecolors=WAIT_COLOUR, edgecolors=WAIT_EDGE, hatch=WAIT_HATCH,
+            linewidth=0.5, gid=f"waits {pid}",
+        )  # fmt: skip
     above: list[list[Bbox]] = [[]]
     for run, colour, (start, width) in zip(runs, colours, spans, strict=True):
         ink = "white" if colour == FAILURE_COLOUR else TEXT
@@ -249,10 +302,16 @@ def timeline_figure(events: Iterable[dict[str, Any]]) -> Figure | None:
     figure.text(LEFT / width, 1 - 14 / height, "make demo timeline", fontsize=16, va="top", color=TEXT)
     subtitle = f"{len(layout.runs)} task runs in {len(lanes)} worker processes over {layout.duration:.2f} s"
     figure.text(LEFT / width, 1 - 46 / height, subtitle, fontsize=10, va="top", color=MUTED)
-    handles: list[Artist] = [Patch(facecolor=OUTCOMES[o], edgecolor=EDGE, label=t) for o, t in LEGEND.items()]
+    handles: list[Artist] = [
+        Patch(facecolor=OUTCOMES[o], edgecolor=EDGE, label=LEGEND[o]) for o in layout.outcomes
+    ]
+    if layout.waits:
+        label = "waiting for a slot"
+        handles.append(Patch(facecolor=WAIT_COLOUR, edgecolor=WAIT_EDGE, hatch=WAIT_HATCH, label=label))
     for group, c in layout.slot_colours.items():
         handles.append(Patch(facecolor=_tint(c), edgecolor=c, hatch=HATCH, label=f"slot held: {group}"))
-    handles.append(Line2D([], [], **TICK, label="state transition (entity, target state)"))
+    if layout.transitions:
+        handles.append(Line2D([], [], **TICK, label="state transition (entity, target state)"))
     anchor = (LEFT / width - 0.01, 1 - (TOP + plot + AXIS_HEIGHT - 6) / height)
     figure.legend(
         handles=handles, loc="upper left", bbox_to_anchor=anchor, ncol=LEGEND_COLUMNS, frameon=False

@@ -34,6 +34,8 @@ from example_project.timeline_chart import (
     RETRY_COLOUR,
     SUCCESS_COLOUR,
     UNKNOWN_COLOUR,
+    WAIT_COLOUR,
+    WAIT_HATCH,
     WIDTH,
     ChartLayout,
     TaskRun,
@@ -345,3 +347,77 @@ def test_the_demo_prints_a_note_without_matplotlib(monkeypatch: pytest.MonkeyPat
     out = io.StringIO()
     Command(stdout=out)._write_chart()
     assert "chart: skipped (matplotlib is not installed" in out.getvalue()
+
+
+def _waiting_events() -> list[dict[str, Any]]:
+    """Two slow tasks of one slot group on two heavy workers: the second starts at 0.1 s,
+    waits for the slot from 0.15 s and gets it at 1.6 s, when the first releases it."""
+    return [
+        _event(0.0, 301, "start", task="example.slow", args="20", host="h", queue="heavy"),
+        _event(0.02, 301, "slot", action="waiting", group=GROUP),
+        _event(0.03, 301, "slot", action="acquired", group=GROUP),
+        _event(0.1, 302, "start", task="example.slow", args="10", host="h", queue="heavy"),
+        _event(0.15, 302, "slot", action="waiting", group=GROUP),
+        _event(1.58, 301, "slot", action="released", group=GROUP),
+        _event(1.59, 301, "end", task="example.slow", state="SUCCESS"),
+        _event(1.6, 302, "slot", action="acquired", group=GROUP),
+        _event(2.6, 302, "slot", action="released", group=GROUP),
+        _event(2.61, 302, "end", task="example.slow", state="SUCCESS"),
+    ]  # fmt: skip
+
+
+def test_waiting_for_a_slot_is_drawn_as_waiting_not_as_running(tmp_path: Path) -> None:
+    layout = layout_timeline(_waiting_events())
+    assert layout is not None
+    # The first got its slot at once (a store round trip, not a wait): no waiting interval.
+    assert [(w.group, w.pid, w.start, w.end) for w in layout.waits] == [
+        (GROUP, 302, pytest.approx(0.15), pytest.approx(1.6))
+    ]
+    path = render_timeline_png(_waiting_events(), tmp_path / "timeline.png")
+    assert path is not None
+    image = _png(path)
+    _, ax = _figure(_waiting_events())
+    waits = _collection(ax, "waits 302")
+    assert waits.get_hatch() == WAIT_HATCH
+    assert _hexes(waits.get_facecolor()) == [WAIT_COLOUR]
+    assert _x_spans(waits) == [pytest.approx((0.15, 1.6))]
+    assert not [c for c in ax.collections if c.get_gid() == "waits 301"]
+    (bar,) = _boxes(_collection(ax, "runs 302"))
+    (wait,) = _boxes(waits)
+    assert wait.y0 == pytest.approx(bar.y0)
+    assert wait.y1 == pytest.approx(bar.y1)  # the whole height of the bar
+    # In the PNG: the waiting interval (right of the bar's label) shows the waiting colour and
+    # no running green; after the slot was granted the bar is green again.
+    lane = 1
+    waiting = Bbox([(0.8, lane + BAR_TOP), (1.5, lane + BAR_TOP + BAR_HEIGHT / 2)])
+    assert _share(image, ax, waiting, SUCCESS_COLOUR) == 0
+    assert _share(image, ax, waiting, WAIT_COLOUR) > 0.3
+    running = Bbox([(1.7, lane + BAR_TOP), (2.5, lane + BAR_TOP + BAR_HEIGHT / 2)])
+    assert _share(image, ax, running, SUCCESS_COLOUR) > 0.9
+
+
+def test_legend_shows_only_the_kinds_the_run_has() -> None:
+    figure, _ = _figure(_waiting_events())
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "success",
+        "waiting for a slot",
+        f"slot held: {GROUP}",
+    ]
+    waiting = legend.legend_handles[1]
+    assert isinstance(waiting, Patch)
+    assert (to_hex(waiting.get_facecolor()), waiting.get_hatch()) == (WAIT_COLOUR, WAIT_HATCH)
+    # Without a wait, a slot or a transition: only the outcomes that occurred.
+    plain = [
+        _event(0.0, 1, "start", task="example.fast", args="1", host="h", queue="celery"),
+        _event(0.1, 1, "end", task="example.fast", state="SUCCESS"),
+        _event(0.2, 1, "start", task="example.dangerous", args="1", host="h", queue="celery"),
+        _event(0.3, 1, "end", task="example.dangerous", state="FAILURE"),
+    ]
+    figure, _ = _figure(plain)
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["success", "failure"]
+    # The full sample has every outcome, a slot group and transitions, but no wait.
+    figure, _ = _figure(_events())
+    (legend,) = figure.legends
+    assert "waiting for a slot" not in [text.get_text() for text in legend.get_texts()]
