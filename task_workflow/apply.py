@@ -63,7 +63,7 @@ def apply_transition(
         try:
             entity = model._default_manager.using(using).select_for_update().get(uuid=key)
         except model.DoesNotExist:  # type: ignore[attr-defined]
-            raise EntityNotFound(f"{model._meta.label} with uuid {key} does not exist", uuid=key) from None
+            raise EntityNotFound(entity_not_found_message(model, key), uuid=key) from None
         loaded = plan.snapshot(entity)
         source_state = entity.state  # type: ignore[attr-defined]
         if error_message is not None and hasattr(entity, "error_message"):
@@ -93,6 +93,18 @@ def apply_transition(
     return entity
 
 
+def entity_not_found_message(model: type[models.Model], entity_uuid: uuid_module.UUID) -> str:
+    """The text of :class:`EntityNotFound`: the row is missing, or not committed yet (the
+    usual cause in a worker: the caller sent the task inside the transaction that creates
+    the row, and the worker ran before the commit)."""
+    return (
+        f"{model._meta.label} with uuid {entity_uuid} does not exist, or is not committed yet: "
+        "a task sent inside the transaction that creates the row can run before that commit. "
+        "Send it once the transaction is committed: transaction.on_commit(lambda: "
+        "task.delay(...)) or task.delay_on_commit(...)"
+    )
+
+
 def format_error(exc: BaseException) -> str:
     """The error text stored in ``error_message``: exception type and message."""
     text = str(exc)
@@ -110,7 +122,27 @@ def apply_error_transition(
 
     Used while another exception is already on its way out: failing here must not mask
     it. Returns the entity, or ``None`` when the transition could not be applied.
+
+    ``error`` being the refusal of a ``@transition`` task's own message for this very entity
+    (``TransitionNotPermitted`` with ``refused_message``: a duplicate message, an entity that
+    moved on) leaves the entity as it is and returns ``None``: that task wrote nothing, and
+    the entity belongs to whoever moved it on.
     """
+    if (
+        isinstance(error, TransitionNotPermitted)
+        and error.refused_message
+        and str(error.uuid) == str(entity_uuid)
+    ):
+        logger.info(
+            "Not applying error transition %r to %s %s: the failed task was refused its transition "
+            "%r from state %r and changed nothing",
+            transition_name,
+            model._meta.label,
+            entity_uuid,
+            error.transition,
+            error.state,
+        )
+        return None
     message = error if isinstance(error, str) else format_error(error)
     try:
         return apply_transition(model, entity_uuid, transition_name, error_message=message, origin=origin)

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.utils.module_loading import import_string
 
-from .conf import DEFAULTS
+from .conf import DEFAULTS, IF_NOT_PERMITTED_CHOICES
 
 #: Cache backends by what they mean for throttle slots, matched by class (subclasses too).
 CACHE_KINDS = (
@@ -80,6 +80,11 @@ VALIDATORS: dict[str, tuple[Any, str]] = {
     ),
     "HEAVY_QUEUE": (lambda v: isinstance(v, str) and bool(v), "a non-empty queue name"),
     "TRANSITION_HISTORY": (lambda v: isinstance(v, bool), "True or False"),
+    "IF_NOT_PERMITTED": (lambda v: v in IF_NOT_PERMITTED_CHOICES, '"fail" or "ignore"'),
+    "HEAVY_CONSUMER_GRACE": (
+        lambda v: _number(v, minimum=0, allow_none=True),
+        "a finite number of seconds >= 0, or None to turn the heavy-consumer warning off",
+    ),
 }
 
 

@@ -10,6 +10,9 @@ from typing import Any
 
 from django.conf import settings as django_settings
 
+#: The values of ``IF_NOT_PERMITTED`` (and of ``transition(..., if_not_permitted=...)``).
+IF_NOT_PERMITTED_CHOICES = ("fail", "ignore")
+
 #: Defaults for every key of ``settings.TASK_WORKFLOW``.
 DEFAULTS: dict[str, Any] = {
     # Django cache alias that stores throttle slots.
@@ -32,6 +35,15 @@ DEFAULTS: dict[str, Any] = {
     "HEAVY_QUEUE": "heavy",
     # Write a TransitionRecord for every transition applied through task_workflow.
     "TRANSITION_HISTORY": True,
+    # What a @transition task does when its transition is not allowed (a duplicate message,
+    # an entity that moved on): "fail" ends it as FAILURE with TransitionNotPermitted, logged
+    # as one WARNING line; "ignore" drops the message (acked, no result, logged at DEBUG).
+    # transition(..., if_not_permitted=...) overrides it per task.
+    "IF_NOT_PERMITTED": "fail",
+    # Seconds after start-up at which a worker that does not consume HEAVY_QUEUE, in a
+    # project with heavy tasks, looks in CACHE for a worker that does, and logs a WARNING
+    # if none was seen. ``None``: workers neither record their queues nor check.
+    "HEAVY_CONSUMER_GRACE": 60.0,
 }
 
 

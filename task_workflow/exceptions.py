@@ -38,7 +38,13 @@ class TransitionNotPermitted(TaskWorkflowError, TransitionNotAllowed):
 
     A subclass of django-fsm's ``TransitionNotAllowed``. ``uuid``, ``state`` and
     ``transition`` say which entity, where it was and what was refused.
+    ``refused_message`` is ``True`` when a ``@transition`` task refused its own message
+    with it (its body did not run, nothing was written): the error callback of
+    :func:`~task_workflow.tasks.error_transition` then leaves that entity as it is.
     """
+
+    #: Set by the ``transition`` decorator on the refusal of its task's own transition.
+    refused_message: bool = False
 
     def __init__(
         self,

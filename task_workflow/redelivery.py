@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from celery import Task
 from django.db import models, router
 
+from .apply import entity_not_found_message
 from .conf import get_setting
 from .exceptions import EntityNotFound, TransitionNotPermitted
 from .models import TransitionRecord
@@ -105,6 +106,7 @@ def load_unchanged(
             uuid=entity_uuid,
             state=now.state,
             transition=transition_name,
+            object=entity,
         )
     return entity
 
@@ -142,6 +144,4 @@ def _load_from_primary(model: type[ModelT], entity_uuid: uuid_module.UUID) -> Mo
     try:
         return model._default_manager.using(router.db_for_write(model)).get(uuid=entity_uuid)
     except model.DoesNotExist:  # type: ignore[attr-defined]
-        raise EntityNotFound(
-            f"{model._meta.label} with uuid {entity_uuid} does not exist", uuid=entity_uuid
-        ) from None
+        raise EntityNotFound(entity_not_found_message(model, entity_uuid), uuid=entity_uuid) from None

@@ -18,3 +18,10 @@ QUEUE = "mistakes"
 def update_volume(volume_uuid: str, transition_entity: Volume | None = None) -> str:
     """update_scheduled → updating; a second message for the same volume is refused."""
     return str(volume_uuid)
+
+
+@shared_task(name="tests.mistakes.update_volume_or_drop")
+@transition(Volume, "begin_updating", if_not_permitted="ignore")
+def update_volume_or_drop(volume_uuid: str, transition_entity: Volume | None = None) -> str:
+    """As :func:`update_volume`, but a refused message is dropped silently."""
+    return str(volume_uuid)

@@ -34,9 +34,8 @@ pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
 S = Volume.States
 TIMEOUT = HANG_TIMEOUT
-#: Levels above DEBUG, as the worker's two log formats write them: Celery's
-#: ``[time: WARNING/ForkPoolWorker-1]`` and the test settings' ``[WARNING task_workflow...]``.
-LOUD = re.compile(r"(\[|: )(INFO|WARNING|ERROR|CRITICAL)\b")
+#: A log line above DEBUG, as Celery's worker writes it: ``[time: WARNING/ForkPoolWorker-1]``.
+LOUD = re.compile(r": (INFO|WARNING|ERROR|CRITICAL)/")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +54,11 @@ def mistakes_worker(celery_app, task_events, worker_env) -> Iterator[WorkerProce
 
 
 def log_of_task(worker: WorkerProcess, task_id: str) -> list[str]:
-    """The worker's log lines from the moment it received task ``task_id`` on."""
+    """The worker's log lines from the moment it received task ``task_id`` on (``[]``
+    before it did)."""
     lines = worker.log_path.read_text(errors="replace").splitlines()
-    start = next(i for i, line in enumerate(lines) if task_id in line and "received" in line.lower())
-    return lines[start:]
+    starts = [i for i, line in enumerate(lines) if task_id in line and " received" in line]
+    return lines[starts[0] :] if starts else []
 
 
 def first_run(task, volume: Volume, task_events: TaskEvents) -> None:
@@ -101,8 +101,8 @@ def test_a_refused_duplicate_is_one_warning_line_and_does_not_err_the_entity(
     text = "\n".join(lines)
     assert "raised unexpected" not in text, text
     assert "Traceback" not in text, text
-    assert not [line for line in lines if re.search(r"(\[|: )(ERROR|CRITICAL)\b", line)], text
-    warnings = [line for line in lines if re.search(r"(\[|: )WARNING\b", line)]
+    assert not [line for line in lines if re.search(r": (ERROR|CRITICAL)/", line)], text
+    warnings = [line for line in lines if ": WARNING/" in line]
     assert len(warnings) == 1, text
     (warning,) = warnings
     for part in (
@@ -135,3 +135,73 @@ def test_entity_not_found_in_the_worker_says_the_row_may_not_be_committed(
     assert "not committed" in message, message
     assert "transaction.on_commit" in message, message
     assert "delay_on_commit" in message, message
+
+
+def test_with_if_not_permitted_ignore_a_refused_duplicate_is_dropped_with_nothing_logged_above_debug(
+    mistakes_worker: WorkerProcess, task_events: TaskEvents
+):
+    volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
+    task = mistakes_tasks.update_volume_or_drop
+    first_run(task, volume, task_events)
+
+    duplicate = task.apply_async(
+        args=(str(volume.uuid),),
+        queue=mistakes_tasks.QUEUE,
+        link=mistakes_tasks.update_volume.si(str(volume.uuid)),
+        link_error=error_transition(Volume, volume.uuid),
+    )
+    # Celery's Ignore: acknowledged, no task-succeeded/failed event, no result. Celery logs
+    # "ignored" at INFO, as it logs "received" and "succeeded" for every message.
+    lines = wait_until(
+        lambda: (found := log_of_task(mistakes_worker, duplicate.id))
+        and any(f"[{duplicate.id}] ignored" in line for line in found)
+        and found,
+        TIMEOUT,
+        "Celery's 'ignored' line of the dropped task",
+    )
+    text = "\n".join(lines)
+    loud = [line for line in lines if LOUD.search(line)]
+    assert [line for line in loud if " received" not in line and "] ignored" not in line] == [], text
+    assert "Traceback" not in text, text
+    # task_workflow said why, at DEBUG.
+    refusal = [line for line in lines if ": DEBUG/" in line and duplicate.id in line and "refused" in line]
+    assert len(refusal) == 1, text
+    assert "if_not_permitted='ignore'" in refusal[0], refusal
+
+    assert duplicate.state == "PENDING"  # no state update, as Celery's Ignore promises
+    events = {e["type"] for e in task_events.history(duplicate.id)}
+    assert not events & {"task-succeeded", "task-failed"}, events
+    volume.refresh_from_db()
+    assert (volume.state, volume.error_message) == (S.UPDATING, "")
+    assert history(volume) == ["begin_updating"], "the link ran, or the errback erred the volume"
+
+
+def test_the_setting_makes_ignore_the_default_of_every_transition_task(
+    mistakes_worker: WorkerProcess, task_events: TaskEvents, worker_env
+):
+    """``TASK_WORKFLOW['IF_NOT_PERMITTED'] = "ignore"`` drops a refused message of a task
+    declared without the option (a worker of its own, with the setting)."""
+    worker = WorkerProcess(
+        mistakes_worker.app,
+        env={
+            **worker_env,
+            "DJANGO_SETTINGS_MODULE": "tests.e2e.mistakes_settings",
+            "MISTAKES_IF_NOT_PERMITTED": "ignore",
+        },
+        name="mistakes-ignore",
+        queues=("mistakes-ignore",),
+        concurrency=1,
+    ).start()
+    try:
+        volume = Volume.objects.create(state=S.UPDATING)
+        refused = mistakes_tasks.update_volume.apply_async(args=(str(volume.uuid),), queue="mistakes-ignore")
+        lines = wait_until(
+            lambda: (found := log_of_task(worker, refused.id))
+            and any(f"[{refused.id}] ignored" in line for line in found)
+            and found,
+            TIMEOUT,
+            "Celery's 'ignored' line of the dropped task",
+        )
+    finally:
+        worker.stop()
+    assert not [line for line in lines if ": WARNING/" in line or ": ERROR/" in line], "\n".join(lines)
