@@ -92,9 +92,11 @@ def test_a_refused_duplicate_is_one_warning_line_and_does_not_err_the_entity(
     assert history(volume) == ["begin_updating"]
 
     lines = wait_until(
-        lambda: (found := log_of_task(mistakes_worker, duplicate.id))
-        and any("raised" in line and duplicate.id in line for line in found)
-        and found,
+        lambda: (
+            (found := log_of_task(mistakes_worker, duplicate.id))
+            and any("raised" in line and duplicate.id in line for line in found)
+            and found
+        ),
         TIMEOUT,
         "Celery's log line of the refused task",
     )
@@ -117,7 +119,6 @@ def test_a_refused_duplicate_is_one_warning_line_and_does_not_err_the_entity(
         assert part in warning, (part, warning)
 
 
-
 def test_entity_not_found_in_the_worker_says_the_row_may_not_be_committed(
     mistakes_worker: WorkerProcess, task_events: TaskEvents
 ):
@@ -125,7 +126,8 @@ def test_entity_not_found_in_the_worker_says_the_row_may_not_be_committed(
     transaction stays open until the worker has failed."""
     with transaction.atomic():
         volume = Volume.objects.create(state=S.UPDATE_SCHEDULED)
-        result = mistakes_tasks.update_volume.apply_async(args=(str(volume.uuid),), queue=mistakes_tasks.QUEUE)
+        task = mistakes_tasks.update_volume
+        result = task.apply_async(args=(str(volume.uuid),), queue=mistakes_tasks.QUEUE)
         final = task_events.wait_for_id(result.id, timeout=TIMEOUT)
 
     assert final["type"] == "task-failed", final
@@ -153,9 +155,11 @@ def test_with_if_not_permitted_ignore_a_refused_duplicate_is_dropped_with_nothin
     # Celery's Ignore: acknowledged, no task-succeeded/failed event, no result. Celery logs
     # "ignored" at INFO, as it logs "received" and "succeeded" for every message.
     lines = wait_until(
-        lambda: (found := log_of_task(mistakes_worker, duplicate.id))
-        and any(f"[{duplicate.id}] ignored" in line for line in found)
-        and found,
+        lambda: (
+            (found := log_of_task(mistakes_worker, duplicate.id))
+            and any(f"[{duplicate.id}] ignored" in line for line in found)
+            and found
+        ),
         TIMEOUT,
         "Celery's 'ignored' line of the dropped task",
     )
@@ -196,9 +200,11 @@ def test_the_setting_makes_ignore_the_default_of_every_transition_task(
         volume = Volume.objects.create(state=S.UPDATING)
         refused = mistakes_tasks.update_volume.apply_async(args=(str(volume.uuid),), queue="mistakes-ignore")
         lines = wait_until(
-            lambda: (found := log_of_task(worker, refused.id))
-            and any(f"[{refused.id}] ignored" in line for line in found)
-            and found,
+            lambda: (
+                (found := log_of_task(worker, refused.id))
+                and any(f"[{refused.id}] ignored" in line for line in found)
+                and found
+            ),
             TIMEOUT,
             "Celery's 'ignored' line of the dropped task",
         )
