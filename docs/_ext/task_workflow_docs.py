@@ -11,6 +11,9 @@ Directives:
 
 Google-style ``Args:`` sections of class and function docstrings become field lists.
 
+A type variable of a signature (``ModelT`` of ``apply_transition``) is shown by its name,
+not linked: it is internal, so no page documents it, and nitpicky mode would report it.
+
 Completeness checks, reported as warnings (so ``-W`` fails the build):
 
 - every name in ``task_workflow.tasks.__all__`` is documented;
@@ -25,7 +28,7 @@ import importlib
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from docutils import nodes
 from docutils.parsers.rst import directives
@@ -197,9 +200,25 @@ def google_sections(app: Sphinx, what: str, name: str, obj: Any, options: Any, l
         lines[:] = GoogleDocstring(lines, NAPOLEON, what=what, name=name, obj=obj).lines()
 
 
+def unlinked_type_variables(
+    app: Sphinx, env: BuildEnvironment, node: nodes.Element, contnode: nodes.Element
+) -> nodes.Element | None:
+    """Resolve a reference to a ``TypeVar`` of ``task_workflow`` as its plain name."""
+    target = node.get("reftarget", "")
+    module_name, _, attribute = target.rpartition(".")
+    if node.get("refdomain") != "py" or not module_name.startswith("task_workflow"):
+        return None
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
+        return None
+    return contnode if isinstance(value, TypeVar) else None
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("autodoc-process-docstring", google_sections)
     app.add_directive("django-command-help", DjangoCommandHelp)
     app.add_directive("task-workflow-settings", TaskWorkflowSettings)
     app.connect("env-check-consistency", check_completeness)
+    app.connect("missing-reference", unlinked_type_variables)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
