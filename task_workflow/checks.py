@@ -11,6 +11,10 @@
 
 ``check_celery_db_reuse`` (tag ``celery``) warns when the project's Celery app closes every
 database connection around each task (W006).
+
+``check_fsm_admin_templates`` (tag ``admin``) reports a ModelAdmin of the default admin site
+whose django-fsm templates (``StateMixinAdmin`` and any ``django_fsm.admin.FSMAdminMixin``)
+cannot be found, usually because ``"django_fsm"`` is not in ``INSTALLED_APPS`` (E009).
 """
 
 from __future__ import annotations
@@ -375,3 +379,58 @@ def check_celery_db_reuse(app_configs: Any = None, **kwargs: Any) -> list[CheckM
             id="task_workflow.W006",
         )
     ]
+
+
+@register(Tags.admin)
+def check_fsm_admin_templates(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """E009 for each ModelAdmin registered on the default admin site (``admin.site``) that
+    renders django-fsm's admin templates (``StateMixinAdmin``, any ``FSMAdminMixin``) when
+    the template engines cannot find them: its change page would raise
+    ``TemplateDoesNotExist``. The templates ship in the ``django_fsm`` app, so they are
+    missing when it is not in ``INSTALLED_APPS`` (copies in a template directory count).
+    Other ``AdminSite`` instances are not inspected: Django has no public list of them."""
+    from django.apps import apps
+
+    if not apps.is_installed("django.contrib.admin"):
+        return []
+    from django.contrib import admin
+    from django.template import TemplateDoesNotExist
+    from django.template.loader import get_template
+    from django_fsm.admin import FSMAdminMixin
+
+    messages: list[CheckMessage] = []
+    missing: dict[str, bool] = {}  # template name -> missing, looked up once
+    for model in apps.get_models():
+        if not admin.site.is_registered(model):
+            continue
+        model_admin = admin.site.get_model_admin(model)
+        if not isinstance(model_admin, FSMAdminMixin):
+            continue
+        names = [
+            name
+            for name in (model_admin.change_form_template, model_admin.fsm_transition_form_template)
+            if isinstance(name, str)
+        ]
+        for name in names:
+            if name not in missing:
+                try:
+                    get_template(name)
+                    missing[name] = False
+                except TemplateDoesNotExist:
+                    missing[name] = True
+                except Exception:  # a template that does not compile: Django reports that
+                    missing[name] = False
+        absent = [name for name in names if missing[name]]
+        if absent:
+            messages.append(
+                Error(
+                    f"The admin of {model._meta.label} ({type(model_admin).__qualname__}) renders "
+                    f"django-fsm's template {absent[0]!r}, which no template engine finds: its "
+                    "change page would fail with TemplateDoesNotExist.",
+                    hint="Add 'django_fsm' to INSTALLED_APPS (it ships the templates of the admin's "
+                    "transition buttons), with APP_DIRS=True in TEMPLATES.",
+                    obj=model_admin,
+                    id="task_workflow.E009",
+                )
+            )
+    return messages
