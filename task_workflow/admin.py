@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -21,15 +22,16 @@ from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import escape, format_html
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 from django_fsm import TransitionNotAllowed
 from django_fsm.admin import FSMAdminMixin
 
-from .locks import SORT_KEYS, ReleaseFailed, force_release, list_locks, parse_refs
+from .locks import SORT_KEYS, ReleaseFailed, force_release, list_locks, list_waiters, parse_refs
 from .models import StateMixin, ThrottleLock, TransitionRecord
-from .throttle import SlotGroup, get_backend
+from .throttle import SlotGroup, WaitingCall, get_backend
 from .transitions import TransitionOrigin, apply_transition
 
 #: Badge colours of ``StateMixin``'s own final states. A model's own states get theirs from
@@ -78,6 +80,32 @@ def _duration(seconds: float | None) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{sign}{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{sign}{minutes}m{secs:02d}s"
+
+
+def _ago(timestamp: float | None, now: float) -> str:
+    if timestamp is None:
+        return "—"
+    return gettext("%(duration)s ago") % {"duration": _duration(max(now - timestamp, 0.0))}
+
+
+#: Characters after which a long name may break onto the next line.
+BREAK_AFTER = re.compile(r"(?<=[./_@-])")
+
+
+def _breakable(text: str | None) -> str:
+    """``text`` escaped, with a line break opportunity (``<wbr>``) after each ``.``, ``/``,
+    ``_``, ``@`` and ``-``: long task names, keys and host names wrap where they read well."""
+    if not text:
+        return "—"
+    return mark_safe("<wbr>".join(escape(part) for part in BREAK_AFTER.split(text)))
+
+
+def _shortened(text: str | None, length: int = 8) -> str:
+    """The first ``length`` characters of ``text`` and "…" (the whole value goes in a
+    ``title``), "—" for none."""
+    if not text:
+        return "—"
+    return text if len(text) <= length + 1 else f"{text[:length]}…"
 
 
 # Transition history ----------------------------------------------------------------------
@@ -382,17 +410,21 @@ class ThrottleLockAdmin(admin.ModelAdmin):
     list_per_page = 100
     change_list_template = "admin/task_workflow/throttlelock/change_list.html"
     confirm_template = "admin/task_workflow/throttlelock/release_confirmation.html"
+    #: The locks table's columns: (sort key or ``None``, label, CSS class). Sized to fit a
+    #: 1280 px window beside the admin's sidebar: long values wrap, ids are shortened
+    #: (the whole value in a ``title``), acquired at is the title of "held for".
     columns = (
-        ("task", _("task name")),
-        ("key", _("key")),
-        (None, _("slot")),
-        ("task_id", _("holder task id")),
-        ("host", _("worker host / pid")),
-        ("acquired", _("acquired at")),
-        ("held", _("held for")),
-        ("expires", _("lease expires in")),
-        (None, _("in use")),
+        ("task", _("task name"), "tw-col-task"),
+        ("key", _("key"), "tw-col-key"),
+        (None, _("slot"), "tw-col-slot"),
+        ("task_id", _("holder task id"), "tw-col-id"),
+        ("host", _("worker host / pid"), "tw-col-host"),
+        ("held", _("held for"), "tw-col-held"),
+        ("expires", _("lease"), "tw-col-lease"),
+        (None, _("in use"), "tw-col-use"),
     )
+    #: Most waiters shown (the first in line of each group come first).
+    waiters_shown = 100
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -432,6 +464,11 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             expired=expired,
             sort=sort,
         )
+        waiters = list_waiters(
+            task_name=params.get("task") or None,
+            key=params.get("key") or None,
+            search=params.get("q", ""),
+        )
         groups: dict[tuple[str, str | None], tuple[int, int]] = {}
         for row in rows:
             groups[(row.slot.group.task_name, row.slot.group.key)] = (row.in_use, row.slot.concurrency)
@@ -456,14 +493,16 @@ class ThrottleLockAdmin(admin.ModelAdmin):
             "query_without_page": urlencode({k: v for k, v in params.items() if k != "p"}),
             "can_release": self.has_release_permission(request),
             "total": len(rows),
+            "waiters": [self._waiter(call) for call in waiters[: self.waiters_shown]],
+            "waiter_total": len(waiters),
             **(extra_context or {}),
         }
         return TemplateResponse(request, self.change_list_template, context)
 
     def _headers(self, params: Any, sort: str) -> list[dict[str, Any]]:
         headers = []
-        for key, label in self.columns:
-            entry: dict[str, Any] = {"label": label, "sortable": key is not None}
+        for key, label, css_class in self.columns:
+            entry: dict[str, Any] = {"label": label, "sortable": key is not None, "class": css_class}
             if key is not None:
                 ascending = sort == key
                 order = f"-{key}" if ascending else key
@@ -476,20 +515,47 @@ class ThrottleLockAdmin(admin.ModelAdmin):
     @staticmethod
     def _row(row: Any) -> dict[str, Any]:
         slot = row.slot
+        fence = "" if slot.fencing_token is None else str(slot.fencing_token)
         return {
             "ref": slot.ref,
             "task_name": slot.group.task_name,
             "key": slot.group.key,
+            "task_name_html": _breakable(slot.group.task_name),
+            "key_html": _breakable(slot.group.key),
+            "host_html": _breakable(f"{slot.hostname or '?'} / {slot.pid or '?'}"),
             "slot": slot.slot,
-            "task_id": slot.task_id or "—",
+            "token": slot.token,
+            "fencing_token": fence,
+            # Fencing tokens count up from the clock in µs: their last digits tell them apart.
+            "fencing_tail": f"…{fence[-6:]}" if len(fence) > 7 else fence,
+            "task_id": slot.task_id or "",
+            "task_id_short": _shortened(slot.task_id),
             "host": f"{slot.hostname or '?'} / {slot.pid or '?'}",
             "acquired_at": _when(slot.acquired_at),
             "held_for": _duration(slot.held_for),
             "expires_in": _duration(slot.expires_in),
+            "ended_ago": _duration(-slot.expires_in),
             "expired": slot.expired,
             "usage": gettext("%(in_use)d of %(concurrency)d")
             % {"in_use": row.in_use, "concurrency": slot.concurrency},
             "over": row.in_use > slot.concurrency,
+        }
+
+    @staticmethod
+    def _waiter(call: WaitingCall) -> dict[str, Any]:
+        host = f"{call.hostname or '?'} / {call.pid or '?'}"
+        return {
+            "task_name": call.group.task_name,
+            "key": call.group.key,
+            "task_name_html": _breakable(call.group.task_name),
+            "key_html": _breakable(call.group.key),
+            "token": call.token,
+            "place": call.place,
+            "since": _when(call.since),
+            "since_ago": _ago(call.since, call.now),
+            "task_id": call.task_id or "",
+            "task_id_short": _shortened(call.task_id),
+            "host_html": _breakable(None if call.hostname is None and call.pid is None else host),
         }
 
     def _release_view(self, request: HttpRequest) -> HttpResponse:

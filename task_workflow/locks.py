@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .throttle import HeldSlot, SlotGroup, get_backend
+from .throttle import HeldSlot, SlotGroup, WaitingCall, get_backend
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,35 @@ def list_locks(
     rows = [LockRow(slot, in_use[slot.group]) for slot in slots if keep(slot)]
     rows.sort(key=lambda row: sort_key(row.slot), reverse=descending)
     return rows
+
+
+def list_waiters(
+    *,
+    task_name: str | None = None,
+    key: str | None = None,
+    search: str = "",
+    cache: str | None = None,
+) -> list[WaitingCall]:
+    """Every caller waiting for a slot that matches the filters (those of
+    :func:`list_locks`), by group (task name, key), then place in line."""
+    needle = search.strip().lower()
+
+    def keep(call: WaitingCall) -> bool:
+        if task_name is not None and call.group.task_name != task_name:
+            return False
+        if key is not None and call.group.key != key:
+            return False
+        if needle:
+            haystack = " ".join(
+                str(v or "")
+                for v in (call.group.task_name, call.group.key, call.task_id, call.hostname, call.token)
+            )
+            return needle in haystack.lower()
+        return True
+
+    calls = [call for call in get_backend(cache).waiting_calls() if keep(call)]
+    calls.sort(key=lambda call: (call.group.task_name, call.group.key or "", call.place))
+    return calls
 
 
 class ReleaseFailed(Exception):

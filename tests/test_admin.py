@@ -59,6 +59,7 @@ from task_workflow.throttle import (
 from task_workflow.throttle import cache_backend as cache_backend_module
 from task_workflow.throttle import database_backend as database_backend_module
 from tests.testapp.models import Volume
+from tests.waiting import wait_until
 
 States = Instance.States
 
@@ -220,6 +221,13 @@ def lock_rows(response: Any) -> list[dict[str, Any]]:
         row["data-key"] = tr.attrs["data-key"]
         row["data-task-id"] = tr.attrs["data-task-id"]
         row["checkbox"] = boxes[0].attrs["value"] if boxes else None
+        # The whole values behind shortened cells.
+        titled = {"acquired-title": ("td", "tw-held"), "fence-title": ("span", "tw-fence")}
+        for label, (tag, cls) in titled.items():
+            found = tr.find_all(tag, cls=cls)
+            row[label] = (found[0].find_all("time") or found)[0].attrs.get("title") if found else None
+        ids = tr.find_all("td", cls="tw-task-id")[0].find_all("code")
+        row["task-id-title"] = ids[0].attrs["title"] if ids else None
         rows.append(row)
     return rows
 
@@ -396,7 +404,9 @@ def test_lists_every_held_slot_with_its_holder(admin_client, slots, name):
     assert len(rows) == 3
     assert len(held) == 2
     acquired_at = {held_slot(first.token).acquired_at, held_slot(second.token).acquired_at}
-    assert {row["Acquired at"] for row in held} == {utc(ts) for ts in acquired_at if ts is not None}
+    assert {row["acquired-title"] for row in held} == {
+        f"acquired at {utc(ts)}" for ts in acquired_at if ts is not None
+    }
     for row in held:
         assert row["Task name"] == name
         assert row["Key"] == key
@@ -404,15 +414,18 @@ def test_lists_every_held_slot_with_its_holder(admin_client, slots, name):
         assert row["Holder task id"] == "—"  # taken outside a task
         assert row["Worker host / pid"] == f"{socket.gethostname()} / {os.getpid()}"
         assert re.fullmatch(r"\d+\.\ds", row["Held for"]), row
-        assert re.fullmatch(r"14m5\ds", row["Lease expires in"]), row  # of 15 minutes
+        assert re.fullmatch(r"ends in 14m5\ds", row["Lease"]), row  # of 15 minutes
         assert row["In use"] == "2 of 2"
-        assert row["Past deadline"] == "no"
+    fences = {str(held_slot(lease.token).fencing_token) for lease in (first, second)}
+    assert {row["fence-title"] for row in held} == {f"fencing token {fence}" for fence in fences}
+    assert {row["Slot"].split()[-1] for row in held} == {f"…{fence[-6:]}" for fence in fences}
     [other] = [row for row in rows if row["data-task"] == report]
     assert other["Key"] == "—"
-    assert other["Holder task id"] == "0f0e0d0c-task-id"
+    assert other["Holder task id"] == "0f0e0d0c…"  # shortened, the whole id as its title
+    assert other["task-id-title"] == "0f0e0d0c-task-id"
     assert other["data-task-id"] == "0f0e0d0c-task-id"
     assert other["Worker host / pid"] == "celery@worker-7 / 4242"
-    assert other["Acquired at"] == "2023-11-14 22:13:20 UTC"
+    assert other["acquired-title"] == "acquired at 2023-11-14 22:13:20 UTC"
     assert re.fullmatch(r"\d+h\d\dm\d\ds", other["Held for"]), other
     assert other["In use"] == "1 of 1"
     assert other["checkbox"] == held_slot(written.token).ref
@@ -492,15 +505,15 @@ def test_expired_filter_shows_only_leases_past_their_deadline(admin_client, slot
     make_expired_slot(slots, name, monkeypatch)
 
     def shown(**params: str) -> dict[str, dict[str, Any]]:
-        return {row["Holder task id"]: row for row in lock_rows(locks(admin_client, task=name, **params))}
+        return {row["data-task-id"]: row for row in lock_rows(locks(admin_client, task=name, **params))}
 
     expired = shown(expired="1")
     assert set(expired) == {"lapsed-holder"}
-    assert expired["lapsed-holder"]["Past deadline"] == "yes"
-    assert expired["lapsed-holder"]["Lease expires in"].startswith("-")
+    assert re.fullmatch(r"ended \d+\.\ds ago", expired["lapsed-holder"]["Lease"]), expired
+    assert expired["lapsed-holder"]["Holder task id"] == "lapsed-h…"  # the whole id in the title
     live = shown(expired="0")
     assert set(live) == {"live-holder"}
-    assert live["live-holder"]["Past deadline"] == "no"
+    assert re.fullmatch(r"ends in \S+", live["live-holder"]["Lease"]), live
     assert set(shown()) == {"live-holder", "lapsed-holder"}
     # The filter form keeps the choice.
     [selected] = (
@@ -550,11 +563,13 @@ def test_sorting(admin_client, slots, name, order, expected):
         "task": "Task name",
         "key": "Key",
         "held": "Held for",
-        "acquired": "Acquired at",
-        "expires": "Lease expires in",
+        "acquired": None,  # sorts by "held for" reversed: no column of its own
+        "expires": "Lease",
         "host": "Worker host / pid",
         "task_id": "Holder task id",
     }[column]
+    if label is None:
+        return
     [header] = [
         th for th in page(response).find("table", id_="result_list").find_all("th") if th.text == label
     ]
@@ -804,6 +819,81 @@ def test_release_wakes_a_waiter_blocked_on_the_group(admin_client, slots, name, 
     assert {slot.token for slot in backend.held_slots() if slot.group.task_name == name} == {taken[0].token}
     timeout, blocked = waits[-1]
     assert blocked < timeout / 2, f"the last wait ran {blocked:.3f}s of {timeout}s: polled, not woken"
+
+
+# --- Throttle locks: waiters -----------------------------------------------------------------
+
+
+def waiter_rows(response: Any) -> list[dict[str, str]]:
+    """The rows of the waiters table: column label -> cell text, plus ``data-*`` values."""
+    tables = page(response).find_all("table", id_="tw-waiters")
+    if not tables:
+        return []
+    labels = [th.text for th in tables[0].find("thead").find_all("th")]
+    rows = []
+    for tr in tables[0].find("tbody").find_all("tr", cls="tw-waiter"):
+        row = dict(zip(labels, [td.text for td in tr.find_all("td")], strict=True))
+        row.update({name: value for name, value in tr.attrs.items() if name.startswith("data-")})
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def blocked_callers(slots, name) -> Iterator[SimpleNamespace]:
+    """A slot of ``name[k]`` held, and two callers blocked in ``throttle(...).acquire()`` for
+    it in threads of their own, the first in line first; at teardown they get the slot in
+    turn and give it back."""
+    holder = slots.hold(name, "k")
+    backend = get_backend()
+    taken: list[Lease] = []
+    threads = []
+
+    def in_line() -> list[Any]:
+        return [call for call in backend.waiting_calls() if call.group.task_name == name]
+
+    try:
+        for count in (1, 2):
+            thread = threading.Thread(
+                target=lambda: taken.append(throttle(key="k", name=name, wait=60, ttl=TTL).acquire()),
+                daemon=True,
+            )
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda count=count: len(in_line()) == count, 10, f"{count} caller(s) in line")
+        yield SimpleNamespace(holder=holder, calls=in_line())
+    finally:
+        holder.release()
+        deadline = time.monotonic() + 15
+        for thread in threads:
+            while thread.is_alive() and time.monotonic() < deadline:
+                for lease in list(taken):
+                    lease.release()
+                thread.join(0.05)
+        for lease in taken:
+            lease.release()
+        assert not any(thread.is_alive() for thread in threads), "a blocked caller never got the slot"
+
+
+def test_the_locks_page_lists_callers_waiting_for_a_slot(admin_client, blocked_callers, name):
+    """Two callers blocked on a held slot: the page lists them under "Waiting for a slot",
+    with their group, their place in line (1, 2) in order of arrival, since when they wait
+    (relative, the exact time as the title), and their host / pid."""
+    first, second = blocked_callers.calls
+
+    response = locks(admin_client)
+
+    rows = [row for row in waiter_rows(response) if row["data-task"] == name]
+    assert [row["Place in line"] for row in rows] == ["1", "2"]
+    assert [row["data-token"] for row in rows] == [first.token, second.token]
+    for row in rows:
+        assert row["Task name"] == name
+        assert row["Key"] == "k"
+        assert row["Worker host / pid"] == f"{socket.gethostname()} / {os.getpid()}"
+        assert row["Task id"] == "—"
+        assert re.fullmatch(r"\d+\.\ds ago", row["Waiting since"]), row
+    since = page(response).find_all("tr", cls="tw-waiter", data_token=first.token)[0].find("time")
+    assert since.attrs["title"] == utc(first.since)
+    assert "2 callers wait for a slot" in page(response).find(id_="tw-waiters-summary").text
 
 
 # --- Permissions -----------------------------------------------------------------------------
@@ -1122,8 +1212,9 @@ def test_a_celery_task_records_its_name_and_id(admin_client):
     assert cells["task_name"] == "example.stop_instance_succeeded"
     assert cells["task_id"] == result.id
     assert cells["transition"] == "set_offline"
-    assert cells["entity_link"] == f"instance {instance.uuid}"
+    assert cells["entity_link"] == "vm"  # the entity's __str__
     entity = row.find("td", cls="field-entity_link").find("a")
+    assert entity.attrs["title"] == f"instance {instance.uuid}"
     assert entity.attrs["href"] == reverse("admin:example_instance_change", args=[instance.pk])
 
 

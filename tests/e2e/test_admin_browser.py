@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +34,9 @@ from example_project.models import Instance
 from example_project.tasks import stop_instance
 from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle
-from task_workflow.throttle import HeldSlot, get_backend
+from task_workflow.throttle import HeldSlot, SlotGroup, get_backend
 from tests.testapp.tasks import hold_slot
+from tests.waiting import wait_until
 from tests.workers import ARTIFACTS_DIR, HANG_TIMEOUT, ROOT, WorkerProcess
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -175,9 +178,10 @@ def test_force_release_a_workers_slot_in_the_browser(
         expect(row).to_have_count(1)
         expect(row.locator("td").nth(1)).to_have_text("ops.demo")
         expect(row.locator("td").nth(2)).to_have_text("backend-1")
-        expect(row.locator("td").nth(4)).to_have_text(result.id)
-        expect(row.locator("td").nth(5)).to_have_text(f"{example_worker.hostname} / {slot.pid}")
-        expect(row.locator("td").nth(9)).to_have_text("1 of 1")
+        expect(row.locator("td.tw-task-id code")).to_have_text(f"{result.id[:8]}…")
+        expect(row.locator("td.tw-task-id code")).to_have_attribute("title", result.id)
+        expect(row.locator("td.tw-host")).to_have_text(f"{example_worker.hostname} / {slot.pid}")
+        expect(row.locator("td.tw-use")).to_have_text("1 of 1")
         groups = page.locator("#tw-groups")
         expect(groups.locator("tr", has_text="ops.demo")).to_contain_text("1 of 1")
         expect(groups.locator("tr", has_text="ops.report")).to_contain_text("1 of 3")
@@ -294,3 +298,88 @@ def test_transition_form_needs_change_permission_in_the_browser(
         context.close()
     [record] = TransitionRecord.objects.all()
     assert (record.transition, record.user) == ("set_offline", engineer)
+
+
+#: Realistic worst cases: a long dotted task path, a Kubernetes pod's host name, a key
+#: that names a tenant, region and zone.
+LONG_TASK = "example_project.infrastructure.tasks.provision_dedicated_bare_metal_server"
+LONG_HOST = "celery@worker-eu-west-1-production-pool-a-7f9c8d6b5-xk2lp.internal.example.com"
+LONG_KEY = "tenant-5f3a9c1e-acme-corporation/region-eu-west-1/availability-zone-b"
+
+
+def test_locks_page_fits_1280_pixels_with_waiters_in_the_browser(browser, live_server, superuser):
+    """At a 1280 px wide window, 12 held slots of long task names, keys and host names and
+    two callers waiting for one of them: the page does not scroll sideways, the locks table
+    is no wider than the window, and the waiters are listed with their places in line."""
+    backend = get_backend()
+    written: list[tuple[SlotGroup, str]] = []
+    for number in range(12):
+        group = SlotGroup(f"{LONG_TASK}_{number:02d}", f"{LONG_KEY}-{number:02d}")
+        token = uuid.uuid4().hex
+        meta = {
+            "task_name": group.task_name,
+            "key": group.key,
+            "concurrency": 1,
+            "task_id": str(uuid.uuid4()),
+            "hostname": LONG_HOST,
+            "pid": 4_194_303,
+            "ttl": 900.0,
+            "acquired_at": time.time() - 3 * 3600 - 7 * 60,
+        }
+        assert backend.acquire(group, token, 1, 900.0, meta).acquired
+        written.append((group, token))
+    first_group = written[0][0]
+    taken: list = []
+    threads = []
+
+    def waiters() -> list:
+        return [call for call in backend.waiting_calls() if call.group == first_group]
+
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    try:
+        for count in (1, 2):
+            limiter = throttle(key=first_group.key, name=first_group.task_name, wait=60, ttl=900)
+            thread = threading.Thread(
+                target=lambda limiter=limiter: taken.append(limiter.acquire()), daemon=True
+            )
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda count=count: len(waiters()) == count, TIMEOUT, f"{count} caller(s) in line")
+
+        page = context.new_page()
+        log_in(page, superuser)
+        page.goto(reverse("admin:task_workflow_throttlelock_changelist"))
+        expect(page.locator("tr.tw-lock")).to_have_count(12)
+        widths = page.evaluate(
+            """() => ({
+                page: document.documentElement.scrollWidth,
+                window: window.innerWidth,
+                locks: document.getElementById("result_list").getBoundingClientRect().right,
+                waiters: document.getElementById("tw-waiters")?.getBoundingClientRect().right ?? 0,
+            })"""
+        )
+        screenshot(page, "throttle-locks-1280.png", "admin-throttle-locks.png")
+        assert widths["window"] == 1280
+        assert widths["page"] <= 1280, f"the page scrolls sideways: {widths}"
+        assert widths["locks"] <= 1280, f"the locks table is wider than the window: {widths}"
+        assert widths["waiters"] <= 1280, f"the waiters table is wider than the window: {widths}"
+        lines = page.locator("#tw-waiters tr.tw-waiter")
+        expect(lines).to_have_count(2)
+        expect(lines.nth(0).locator("td.tw-place")).to_have_text("1")
+        expect(lines.nth(1).locator("td.tw-place")).to_have_text("2")
+        expect(lines.nth(0)).to_contain_text(first_group.task_name)
+        expect(lines.nth(0)).to_contain_text("ago")
+    finally:
+        context.close()
+        for group, token in written:
+            backend.release(group, token)
+        deadline = time.monotonic() + 15
+        for thread in threads:
+            while thread.is_alive() and time.monotonic() < deadline:
+                for lease in list(taken):
+                    lease.release()
+                thread.join(0.05)
+        for lease in taken:
+            lease.release()
+    assert not any(thread.is_alive() for thread in threads), "a blocked caller never got the slot"
