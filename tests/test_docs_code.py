@@ -10,6 +10,7 @@ comes from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ import pytest
 from tests.markdown_code import DOCS, ROOT, CodeBlock, code_blocks
 
 TUTORIAL = DOCS / "tutorial.md"
+#: Pages whose task examples must all be registered under an explicit name.
+NAMED_TASK_PAGES = [
+    ROOT / "README.md",
+    DOCS / "quickstart.md",
+    TUTORIAL,
+    DOCS / "index.md",
+    DOCS / "reference" / "tasks.md",
+    DOCS / "howto" / "transition-and-throttle.md",
+    DOCS / "howto" / "production.md",
+]
+#: A ``@shared_task`` decorator line with no argument list, or with one that has no ``name=``.
+UNNAMED_TASK = re.compile(r"^[ \t]*@shared_task\b(?!\((?:[^()]|\([^()]*\))*\bname=).*$", re.M)
 PAGES = sorted(
     [ROOT / "README.md", *(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)],
     key=str,
@@ -67,3 +80,16 @@ def test_block_is_verbatim_in_the_file_it_names(page: Path, block: CodeBlock) ->
         f"{page.relative_to(ROOT)} line {block.line}: the block is not the code of {block.named_file} "
         "(copy it again from the file)"
     )
+
+
+@pytest.mark.parametrize("page", NAMED_TASK_PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_task_examples_have_a_name(page: Path) -> None:
+    """A task registered under its module path (the default) strands its queued messages
+    when the module moves; every example names its task."""
+    unnamed = [
+        f"line {block.line}: {match.group(0).strip()}"
+        for block in code_blocks(page.read_text(encoding="utf-8"))
+        if block.language == "python"
+        for match in UNNAMED_TASK.finditer(block.text)
+    ]
+    assert not unnamed, f"{page.relative_to(ROOT)}: @shared_task without name=: {unnamed}"
