@@ -12,6 +12,8 @@ test uses slot group names of its own: the shared Redis may hold other tests' sl
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import socket
@@ -31,6 +33,7 @@ from django.contrib import admin as django_admin
 from django.contrib.admin.models import DELETION, LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.contenttypes.models import ContentType
+from django.core.management import call_command
 from django.db import transaction
 from django.db.models.signals import pre_save
 from django.test import Client
@@ -894,6 +897,27 @@ def test_the_locks_page_lists_callers_waiting_for_a_slot(admin_client, blocked_c
     since = page(response).find_all("tr", cls="tw-waiter", data_token=first.token)[0].find("time")
     assert since.attrs["title"] == utc(first.since)
     assert "2 callers wait for a slot" in page(response).find(id_="tw-waiters-summary").text
+
+
+def test_throttle_locks_command_prints_the_waiting_callers(blocked_callers, name):
+    """``manage.py throttle_locks`` reads the same waiters as the page: after the held
+    slots, a table of the callers in line; ``--waiters --json`` lists only them."""
+    first, second = blocked_callers.calls
+    out = io.StringIO()
+    call_command("throttle_locks", "--task", name, stdout=out)
+    text = out.getvalue()
+    assert "Waiting for a slot:" in text
+    assert "2 callers waiting in 1 group" in text
+    lines = [line for line in text.splitlines() if line.startswith(name)]
+    assert len(lines) == 3  # the held slot, then the two waiters
+    assert [line.split()[2] for line in lines[1:]] == ["1", "2"]
+
+    out = io.StringIO()
+    call_command("throttle_locks", "--task", name, "--waiters", "--json", stdout=out)
+    listed = json.loads(out.getvalue())
+    assert [(w["place"], w["token"]) for w in listed] == [(1, first.token), (2, second.token)]
+    assert all((w["task_name"], w["key"], w["pid"]) == (name, "k", os.getpid()) for w in listed)
+    assert all(w["since"] and w["waited_for"] >= 0 for w in listed)
 
 
 # --- Permissions -----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ did it.
 
 Examples::
 
-    manage.py throttle_locks                            # table of every held slot
+    manage.py throttle_locks                            # held slots, then the callers waiting
+    manage.py throttle_locks --waiters --json           # only the waiting callers, as JSON
     manage.py throttle_locks --task example.slow --json
     manage.py throttle_locks --expired                  # leases past their deadline
     manage.py throttle_locks --release --task example.slow --key 42
@@ -26,9 +27,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from task_workflow.conf import get_setting
-from task_workflow.locks import LockRow, force_release, list_locks
+from task_workflow.locks import LockRow, force_release, list_locks, list_waiters
 from task_workflow.management import format_duration, format_table, iso_timestamp, json_list, shorten
-from task_workflow.throttle import HeldSlot
+from task_workflow.throttle import HeldSlot, WaitingCall
 
 TABLE_HEADERS = (
     "TASK NAME",
@@ -42,6 +43,17 @@ TABLE_HEADERS = (
     "HELD FOR",
     "EXPIRES IN",
     "LEASE",
+)
+
+WAITER_HEADERS = (
+    "TASK NAME",
+    "KEY",
+    "PLACE",
+    "WAITING SINCE (UTC)",
+    "WAITED",
+    "TASK ID",
+    "HOST",
+    "PID",
 )
 
 #: Longest key shown in the table (``--json`` always has the whole key).
@@ -99,6 +111,35 @@ def row_as_cells(row: LockRow) -> list[str]:
     ]
 
 
+def waiter_as_dict(call: WaitingCall) -> dict[str, Any]:
+    """A waiting caller as plain JSON data (seconds, timestamps in ISO 8601 UTC)."""
+    return {
+        "task_name": call.group.task_name,
+        "key": call.group.key,
+        "place": call.place,
+        "since": iso_timestamp(call.since),
+        "waited_for": None if call.waited_for is None else round(call.waited_for, 3),
+        "task_id": call.task_id,
+        "hostname": call.hostname,
+        "pid": call.pid,
+        "token": call.token,
+    }
+
+
+def waiter_as_cells(call: WaitingCall) -> list[str]:
+    since = iso_timestamp(call.since)
+    return [
+        call.group.task_name,
+        "-" if call.group.key is None else shorten(call.group.key, KEY_WIDTH),
+        str(call.place),
+        "-" if since is None else since[:19].replace("T", " "),
+        format_duration(call.waited_for),
+        call.task_id or "-",
+        call.hostname or "-",
+        "-" if call.pid is None else str(call.pid),
+    ]
+
+
 class Command(BaseCommand):
     help = (
         "List held throttle slots (task name, key, holder, lease) as a table or --json, "
@@ -119,6 +160,11 @@ class Command(BaseCommand):
             help="one slot, by the 'ref' of the --json output (repeatable)",
         )
         parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+        parser.add_argument(
+            "--waiters",
+            action="store_true",
+            help="list only the callers waiting for a slot (group, place in line, since when, holder)",
+        )
         parser.add_argument(
             "--release",
             action="store_true",
@@ -151,6 +197,11 @@ class Command(BaseCommand):
         if options["release"]:
             self._check_release_selection(options)
 
+        if options["waiters"]:
+            if options["release"] or refs:
+                raise CommandError("--waiters lists waiting callers; it takes no --release or --ref")
+            self._print_waiters(self._waiters(alias, options), as_json=options["json"])
+            return
         rows = self._rows(alias, options)
         if options["release"]:
             self._release(alias, rows, options)
@@ -158,6 +209,33 @@ class Command(BaseCommand):
             self.stdout.write(json_list(row_as_dict(row) for row in rows))
         else:
             self._print_table(rows)
+            if not options["ref"]:
+                waiters = self._waiters(alias, options)
+                if waiters:
+                    self.stdout.write("")
+                    self._print_waiters(waiters, as_json=False)
+
+    @staticmethod
+    def _waiters(alias: str, options: dict[str, Any]) -> list[WaitingCall]:
+        try:
+            return list_waiters(task_name=options["task"], key=options["key"], cache=alias)
+        except Exception as exc:
+            raise CommandError(f"could not read throttle waiters from cache {alias!r}: {exc}") from exc
+
+    def _print_waiters(self, waiters: list[WaitingCall], *, as_json: bool) -> None:
+        if as_json:
+            self.stdout.write(json_list(waiter_as_dict(call) for call in waiters))
+            return
+        if not waiters:
+            self.stdout.write("No caller is waiting for a slot.")
+            return
+        self.stdout.write("Waiting for a slot:")
+        self.stdout.write(format_table(WAITER_HEADERS, [waiter_as_cells(call) for call in waiters]))
+        groups = len({call.group for call in waiters})
+        self.stdout.write(
+            f"\n{len(waiters)} caller{'s' if len(waiters) != 1 else ''} waiting in {groups} "
+            f"group{'s' if groups != 1 else ''}"
+        )
 
     @staticmethod
     def _check_release_selection(options: dict[str, Any]) -> None:
