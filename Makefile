@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The example on embedded defaults: SQLite, a filesystem broker, the database cache.
-# With DATABASE_URL and REDIS_URL set it runs on PostgreSQL and Redis instead.
+# The example on embedded defaults: SQLite, a Celery broker and result store in SQLite files
+# of their own (SQLAlchemy), the database cache, all under var/. With DATABASE_URL and
+# REDIS_URL set it runs on PostgreSQL and Redis instead.
 demo: $(STAMP)
 	$(BIN)/python manage.py migrate --verbosity 0
 	$(BIN)/python manage.py createcachetable

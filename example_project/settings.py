@@ -1,9 +1,10 @@
 """Settings of the example project.
 
-Embedded defaults need no server: SQLite, a filesystem Celery broker, a file result
-backend and Django's database cache, all under ``var/``. Set ``DATABASE_URL``
-(``postgres://user@host:port/name``) and ``REDIS_URL`` (``redis://host:port/db``) to
-run the same on PostgreSQL and Redis.
+Embedded defaults need no server: SQLite for Django, a Celery broker and result store in
+SQLite files of their own (kombu's SQLAlchemy transport and Celery's database result
+backend: SQLAlchemy, the ``demo`` extra) and Django's database cache, all under ``var/``.
+Set ``DATABASE_URL`` (``postgres://user@host:port/name``) and ``REDIS_URL``
+(``redis://host:port/db``) to run the same on PostgreSQL and Redis.
 """
 
 from __future__ import annotations
@@ -113,9 +114,16 @@ if REDIS_URL:
     # Longer than any task here may run, so a running acks_late task is not redelivered.
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"visibility_timeout": 3600}
 else:
-    BROKER_DIR = VAR_DIR / "broker"
-    (BROKER_DIR / "processed").mkdir(parents=True, exist_ok=True)
-    (VAR_DIR / "results").mkdir(parents=True, exist_ok=True)
+    from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
+    from sqlalchemy.pool import NullPool
+
+    class SQLiteBrokerTransport(SQLAlchemyTransport):
+        """kombu's SQLAlchemy transport, polling an empty queue every 50 ms instead of every
+        second. ``polling_interval`` cannot go in the transport options: this transport
+        passes them all to ``create_engine()``, which refuses it."""
+
+        polling_interval = 0.05
+
     CACHES = {
         "default": {
             "BACKEND": "django.core.cache.backends.db.DatabaseCache",
@@ -124,15 +132,26 @@ else:
             "OPTIONS": {"MAX_ENTRIES": 1_000_000},
         }
     }
-    CELERY_BROKER_URL = "filesystem://"
+    # The broker: kombu's SQLAlchemy transport on a SQLite file of its own. A consumer takes
+    # a message in one BEGIN IMMEDIATE transaction that marks it invisible, so two processes
+    # never take the same one, and nothing reads a message before its INSERT committed (the
+    # filesystem transport's reader could: JSONDecodeError, kombu issue #1551). A message
+    # taken by a worker that then dies is not delivered again. Its own file, not Django's:
+    # the consumers' polls take SQLite's write lock, which Django's writes would wait for.
+    BROKER_DB = VAR_DIR / "broker.sqlite3"
+    CELERY_BROKER_URL = f"sqlite:///{BROKER_DB}"
+    CELERY_BROKER_TRANSPORT = "example_project.settings:SQLiteBrokerTransport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
-        "data_folder_in": str(BROKER_DIR),
-        "data_folder_out": str(BROKER_DIR),
-        "processed_folder": str(BROKER_DIR / "processed"),
-        "control_folder": str(BROKER_DIR / "control"),
-        "polling_interval": 0.05,
+        # create_engine() arguments: wait up to 30 s for SQLite's lock instead of 5 s, and
+        # keep no connection open between transactions (none is inherited across a fork).
+        "connect_args": {"timeout": 30},
+        "poolclass": NullPool,
     }
-    CELERY_RESULT_BACKEND = f"file://{VAR_DIR / 'results'}"
+    # Results in a SQLite file through Celery's database backend: each written in a
+    # transaction, so no process reads a half-written one (the file backend's could).
+    RESULTS_DB = VAR_DIR / "results.sqlite3"
+    CELERY_RESULT_BACKEND = f"db+sqlite:///{RESULTS_DB}"
+    CELERY_DATABASE_ENGINE_OPTIONS = {"connect_args": {"timeout": 30}}
 
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -71,6 +71,15 @@ def _on_slot_released(sender: Any, lease: Any, **_: Any) -> None:
     record("slot", action="released", group=str(sender))
 
 
+def slot_wait_started(group: object) -> None:
+    """Record that this process starts waiting for a slot of ``group`` (its ``str`` names it
+    as the slot signals do), when the timeline is on. task_workflow sends no signal for
+    this, so a task calls it just before entering its ``throttle``; the chart draws the time
+    until ``slot acquired`` as waiting, not as running."""
+    if getattr(settings, "EXAMPLE_TIMELINE", False):
+        record("slot", action="waiting", group=str(group))
+
+
 def connect() -> None:
     """Record events from this process (called by the example app's ``ready()``)."""
     signals.task_prerun.connect(_on_prerun, weak=False)
