@@ -114,8 +114,15 @@ if REDIS_URL:
     # Longer than any task here may run, so a running acks_late task is not redelivered.
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"visibility_timeout": 3600}
 else:
-    from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
-    from sqlalchemy.pool import NullPool
+    try:
+        from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
+        from sqlalchemy.pool import NullPool
+    except ImportError as exc:  # say what to install rather than a bare ModuleNotFoundError
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            "the embedded broker needs SQLAlchemy: pip install -e '.[demo]' (or set REDIS_URL)"
+        ) from exc
 
     class SQLiteBrokerTransport(SQLAlchemyTransport):
         """kombu's SQLAlchemy transport, polling an empty queue every 50 ms instead of every
