@@ -10,12 +10,13 @@ heavy throttled task run by the heavy worker and its result in the Redis result 
 What the test adds to the page's commands: the worker's ``--hostname`` (to ping it) and
 ``--concurrency 2``; ``runserver``'s address (a free port) and ``--noreload``; the
 database is created with psycopg instead of ``createdb``. The project gets its own
-PostgreSQL database, ``QUICKSTART_DATABASE_NAME`` (default ``task_workflow_quickstart``,
-created and dropped here), and its own Redis database, ``QUICKSTART_REDIS_URL`` (default
-``redis://127.0.0.1:6379/14``, flushed before and after): the session's example workers
-consume the ``celery`` queue of the suite's Redis database, and would take the project's
-messages there. (Run alone, the test may share the suite's Redis database: no other
-worker is started then.)
+PostgreSQL database, ``QUICKSTART_DATABASE_NAME`` (default: the suite's database name
+with ``_quickstart``, ``task_workflow_quickstart`` for ``make test``; created and dropped
+here), and its own Redis database, ``QUICKSTART_REDIS_URL`` (default
+``redis://127.0.0.1:6379/14``, flushed before and after; suites running side by side need
+one each): the session's example workers consume the ``celery`` queue of the suite's
+Redis database, and would take the project's messages there. (Run alone, the test may
+share the suite's Redis database: no other worker is started then.)
 """
 
 from __future__ import annotations
@@ -45,7 +46,12 @@ from tests.waiting import wait_until
 from tests.workers import HANG_TIMEOUT, log_tail
 
 QUICKSTART = DOCS / "quickstart.md"
-PROJECT_DATABASE = os.environ.get("QUICKSTART_DATABASE_NAME", "task_workflow_quickstart")
+#: The suite's database name with ``_quickstart``: each nox session has a database of its own.
+PROJECT_DATABASE = (
+    os.environ.get("QUICKSTART_DATABASE_NAME")
+    or (urllib.parse.urlsplit(os.environ.get("DATABASE_URL", "")).path.lstrip("/") or "task_workflow")
+    + "_quickstart"
+)
 PROJECT_REDIS_URL = os.environ.get("QUICKSTART_REDIS_URL", "redis://127.0.0.1:6379/14")
 #: The server the quick start's settings name (HOST, PORT, USER).
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
