@@ -185,6 +185,8 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
             "hostname": (task.request.hostname if task else None) or HOSTNAME,
             "pid": os.getpid(),
             "ttl": ttl,
+            # When this caller first asked: a store shows it as a waiter's "waiting since".
+            "waiting_since": time.time(),
         }
         try:
             result, valid_until = self._wait_for_slot(backend, group, token, ttl, wait, metadata)

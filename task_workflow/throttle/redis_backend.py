@@ -70,7 +70,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any, cast
@@ -165,10 +164,6 @@ class RedisThrottleBackend(ThrottleBackend):
         self._renew = client.register_script(RENEW_SCRIPT)
         self._cancel_wait = client.register_script(CANCEL_WAIT_SCRIPT)
         self._key_cache: dict[SlotGroup, list[bytes]] = {}
-        # token -> when this process's refused caller first asked (its first refused
-        # attempt's ``acquired_at``), sent with its later attempts as ``waiting_since``.
-        self._arrivals: dict[str, float] = {}
-        self._arrivals_lock = threading.Lock()
         timeout = client.connection_pool.connection_kwargs.get("socket_timeout")
         self._max_block = self.MAX_BLOCK if not timeout else min(self.MAX_BLOCK, timeout / 2)
 
@@ -209,12 +204,6 @@ class RedisThrottleBackend(ThrottleBackend):
         ttl: float,
         metadata: dict[str, Any],
     ) -> AcquireResult:
-        # A waiter's line entry keeps its metadata of its latest attempt: a caller refused
-        # before carries when it first asked, for operators ("waiting since"). The first
-        # attempt carries nothing more (its own acquired_at is that moment).
-        since = self._arrivals.get(token)
-        if since is not None:
-            metadata = {**metadata, "waiting_since": since}
         reply = self._run(
             self._acquire,
             group,
@@ -224,32 +213,10 @@ class RedisThrottleBackend(ThrottleBackend):
             json.dumps(metadata).encode(),
         )
         if reply > 0:
-            if since is not None:
-                self._forget_arrival(token)
             return AcquireResult(True, fencing_token=reply)
-        if since is None:
-            self._note_arrival(token, metadata.get("acquired_at"))
         return AcquireResult(False, (-1 - reply) / 1000)
 
-    #: Refused callers whose first request this process remembers; past it, the oldest go
-    #: (they show the time of a later attempt as their "waiting since").
-    ARRIVALS_SIZE = 10_000
-
-    def _note_arrival(self, token: str, acquired_at: Any) -> None:
-        if not isinstance(acquired_at, int | float):
-            return
-        with self._arrivals_lock:
-            if len(self._arrivals) >= self.ARRIVALS_SIZE:
-                for oldest in list(self._arrivals)[: self.ARRIVALS_SIZE // 10]:
-                    del self._arrivals[oldest]
-            self._arrivals.setdefault(token, float(acquired_at))
-
-    def _forget_arrival(self, token: str) -> None:
-        with self._arrivals_lock:
-            self._arrivals.pop(token, None)
-
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        self._forget_arrival(token)
         return bool(self._run(self._release, group, token))
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
@@ -268,7 +235,6 @@ class RedisThrottleBackend(ThrottleBackend):
         # and unconfirmed (the scripts withdraw or expire it first), so one that names us
         # (the group's) or is ours (our own list: a fencing token alone) is a slot we hold.
         if not waiter or waiter == token.encode():
-            self._forget_arrival(token)
             return AcquireResult(True, handed_over=True, fencing_token=int(fence))
         # Another waiter's handoff, taken off the group's list because we blocked on it
         # longer: pass it on to that waiter's own list, then attempt again.
@@ -292,7 +258,6 @@ class RedisThrottleBackend(ThrottleBackend):
             )
 
     def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
-        self._forget_arrival(token)
         fence = self._run(self._cancel_wait, group, token)
         return AcquireResult(True, handed_over=True, fencing_token=fence) if fence else None
 
