@@ -9,7 +9,8 @@ Usage: ``python .ci/check_package.py DIST_DIR`` (``nox -s package`` builds ``DIS
    ``example_project/`` and ``manage.py`` in a directory of their own (so the checkout's
    ``task_workflow/`` cannot shadow the installed one) runs: ``check``,
    ``makemigrations --check --dry-run``, ``migrate``, ``createcachetable`` and
-   ``run_demo`` on the embedded defaults (SQLite, filesystem broker, real workers).
+   ``run_demo`` on the embedded defaults (SQLite, a SQLite broker and result store through
+   SQLAlchemy, real workers).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def run_example(wheel: Path, work: Path) -> None:
     env_dir = work / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheel)], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", f"{wheel}[demo]"], check=True)
     project = work / "project"
     project.mkdir()
     shutil.copytree(

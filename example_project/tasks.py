@@ -8,9 +8,8 @@ from celery import chain, shared_task
 from django.conf import settings
 
 from task_workflow.tasks import error_transition, throttle, transition
-from task_workflow.throttle import SlotGroup
 
-from . import backend, timeline
+from . import backend
 from .models import Instance
 
 
@@ -84,8 +83,6 @@ def slow(uuid: int = 0) -> None:
     # Run only one task at a time
     # It will be throttled based on task name and key pair
     throttle_key = key_by_uuid(uuid)
-    # The demo's chart shows the wait for the slot as waiting (a no-op without the timeline).
-    timeline.slot_wait_started(SlotGroup(slow.name, throttle_key))
     with throttle(key=throttle_key):
         print(f"** Start {uuid}")
         time.sleep(settings.EXAMPLE_SLOW_SECONDS)

@@ -17,7 +17,7 @@ from celery import signals
 from django.conf import settings
 from django_fsm.signals import post_transition
 
-from task_workflow.signals import slot_acquired, slot_released
+from task_workflow.signals import slot_acquired, slot_released, slot_waiting
 
 
 def timeline_path() -> Path:
@@ -71,13 +71,8 @@ def _on_slot_released(sender: Any, lease: Any, **_: Any) -> None:
     record("slot", action="released", group=str(sender))
 
 
-def slot_wait_started(group: object) -> None:
-    """Record that this process starts waiting for a slot of ``group`` (its ``str`` names it
-    as the slot signals do), when the timeline is on. task_workflow sends no signal for
-    this, so a task calls it just before entering its ``throttle``; the chart draws the time
-    until ``slot acquired`` as waiting, not as running."""
-    if getattr(settings, "EXAMPLE_TIMELINE", False):
-        record("slot", action="waiting", group=str(group))
+def _on_slot_waiting(sender: Any, **_: Any) -> None:
+    record("slot", action="waiting", group=str(sender))
 
 
 def connect() -> None:
@@ -87,5 +82,6 @@ def connect() -> None:
     signals.task_failure.connect(_on_failure, weak=False)
     signals.task_retry.connect(_on_retry, weak=False)
     post_transition.connect(_on_transition, weak=False)
+    slot_waiting.connect(_on_slot_waiting, weak=False)
     slot_acquired.connect(_on_slot_acquired, weak=False)
     slot_released.connect(_on_slot_released, weak=False)

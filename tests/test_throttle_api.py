@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from celery import shared_task
@@ -24,7 +25,7 @@ from django.db import connections
 from django.test import override_settings
 
 import task_workflow.throttle as throttle_module
-from task_workflow.signals import slot_acquired, slot_released
+from task_workflow.signals import slot_acquired, slot_released, slot_waiting
 from task_workflow.tasks import (
     ImproperlyDecorated,
     ThrottleTimeout,
@@ -652,6 +653,58 @@ def test_signals_are_sent_once_per_acquire_and_release(store):
 
     assert acquired == [(SlotGroup(name, "k"), lease)]
     assert released == [(SlotGroup(name, "k"), lease)]
+
+
+def test_slot_waiting_is_sent_once_by_a_caller_that_waits_and_never_by_one_that_gives_up_at_once(
+    threaded_store,
+):
+    """A caller that finds the slot taken and waits sends ``slot_waiting`` once (with the
+    group, the limit and when it asked), before its ``slot_acquired``; a caller with
+    ``wait=0`` and a caller granted at once send none."""
+    name = unique_name()
+    events: list[tuple[str, Any]] = []
+    started_waiting = threading.Event()
+
+    def on_waiting(sender, concurrency, waiting_since, **kwargs):
+        if sender.task_name == name:
+            events.append(("waiting", (sender, concurrency, waiting_since)))
+            started_waiting.set()
+
+    def on_acquired(sender, lease, **kwargs):
+        if sender.task_name == name:
+            events.append(("acquired", threading.get_ident()))
+
+    slot_waiting.connect(on_waiting, weak=False)
+    slot_acquired.connect(on_acquired, weak=False)
+    try:
+        holder = throttle(name=name, key="k").acquire()
+        with pytest.raises(ThrottleTimeout):
+            throttle(name=name, key="k", wait=0).acquire()
+        assert [kind for kind, _ in events] == ["acquired"]
+
+        asked_at = time.time()
+        results: list[Any] = []
+        waiter = threading.Thread(
+            target=lambda: results.append(throttle(name=name, key="k", wait=10).acquire())
+        )
+        waiter.start()
+        try:
+            assert started_waiting.wait(10), "the waiting caller sent no slot_waiting"
+        finally:
+            holder.release()
+            waiter.join(15)
+        assert results, "the waiting caller did not get the slot"
+        results[0].release()
+    finally:
+        slot_waiting.disconnect(on_waiting)
+        slot_acquired.disconnect(on_acquired)
+
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["acquired", "waiting", "acquired"]
+    group, concurrency, waiting_since = events[1][1]
+    assert (group, concurrency) == (SlotGroup(name, "k"), 1)
+    assert asked_at - 1 <= waiting_since <= time.time()
+    assert events[2][1] == waiter.ident
 
 
 def test_both_signals_are_sent_while_the_store_still_counts_the_slot_as_held(store):

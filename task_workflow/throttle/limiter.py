@@ -29,7 +29,7 @@ from celery.exceptions import Retry
 from ..conf import get_setting
 from ..exceptions import ImproperlyDecorated, TaskWorkflowError
 from ..running import running_task
-from ..signals import slot_acquired
+from ..signals import slot_acquired, slot_waiting
 from .base import AcquireResult, SlotGroup, ThrottleBackend
 from .errors import STORE_ERRORS, ThrottleTimeout, ThrottleUnavailable
 from .factory import get_backend
@@ -266,6 +266,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         deadline: float | None,
         metadata: dict[str, Any],
     ) -> tuple[AcquireResult, float]:
+        waiting = False
         while True:
             metadata["acquired_at"] = time.time()
             sent_at = time.monotonic()
@@ -281,6 +282,11 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
                     if backend.renew(group, token, handed.slot, ttl):
                         return replace(handed, handed_over=False), lease_view(renewed_at, ttl)
                 return result, 0.0
+            if not waiting:
+                waiting = True
+                slot_waiting.send_robust(
+                    sender=group, concurrency=self.concurrency, waiting_since=metadata["waiting_since"]
+                )
             # Sleep until a release wakes us (on Redis it hands us the slot), the earliest
             # lease may expire, or the wait ends; a short cap keeps each blocking call
             # under any client socket timeout and keeps us counted as a live waiter.
