@@ -115,7 +115,6 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {"visibility_timeout": 3600}
 else:
     try:
-        from kombu.transport.sqlalchemy import Transport as SQLAlchemyTransport
         from sqlalchemy.pool import NullPool
     except ImportError as exc:  # say what to install rather than a bare ModuleNotFoundError
         from django.core.exceptions import ImproperlyConfigured
@@ -123,13 +122,6 @@ else:
         raise ImproperlyConfigured(
             "the embedded broker needs SQLAlchemy: pip install -e '.[demo]' (or set REDIS_URL)"
         ) from exc
-
-    class SQLiteBrokerTransport(SQLAlchemyTransport):
-        """kombu's SQLAlchemy transport, polling an empty queue every 50 ms instead of every
-        second. ``polling_interval`` cannot go in the transport options: this transport
-        passes them all to ``create_engine()``, which refuses it."""
-
-        polling_interval = 0.05
 
     CACHES = {
         "default": {
@@ -147,7 +139,7 @@ else:
     # the consumers' polls take SQLite's write lock, which Django's writes would wait for.
     BROKER_DB = VAR_DIR / "broker.sqlite3"
     CELERY_BROKER_URL = f"sqlite:///{BROKER_DB}"
-    CELERY_BROKER_TRANSPORT = "example_project.settings:SQLiteBrokerTransport"
+    CELERY_BROKER_TRANSPORT = "example_project.broker:SQLiteBrokerTransport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # create_engine() arguments: wait up to 30 s for SQLite's lock instead of 5 s, and
         # keep no connection open between transactions (none is inherited across a fork).
