@@ -233,8 +233,6 @@ def transition(
             task = running_task(run_with_transition)
             key = parse_entity_uuid(model, entity_uuid)
             applied_key = marker_key(model, key, transition_name)
-            if task is not None:
-                _expect_refusals(task)
             applied = applied_earlier(task, applied_key)
             try:
                 if applied is None:
@@ -261,8 +259,10 @@ def transition(
                 raise
             except Exception as exc:
                 if isinstance(exc, TransitionNotPermitted) and task is not None:
-                    # Not this message's refusal but the body's failure: the task's throws
-                    # (see _expect_refusals) has Celery log it without its traceback.
+                    # Not this message's refusal but the body's failure: logged here with
+                    # its traceback, since the task's throws (set here, as on a refusal)
+                    # has Celery log it without one.
+                    _expect_refusals(task)
                     logger.error(
                         "Task %s[%s]: its body raised TransitionNotPermitted",
                         task.name,
