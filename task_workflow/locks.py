@@ -38,6 +38,22 @@ class LockRow:
         return f"{self.in_use} of {self.slot.concurrency}"
 
 
+def _matches(entry: HeldSlot | WaitingCall, task_name: str | None, key: str | None, needle: str) -> bool:
+    """The filters shared by the locks and waiters listings: group's task name and key, and
+    a lowercase ``needle`` searched in task name, key, task id, host and owner token."""
+    if task_name is not None and entry.group.task_name != task_name:
+        return False
+    if key is not None and entry.group.key != key:
+        return False
+    if needle:
+        haystack = " ".join(
+            str(v or "")
+            for v in (entry.group.task_name, entry.group.key, entry.task_id, entry.hostname, entry.token)
+        )
+        return needle in haystack.lower()
+    return True
+
+
 def list_locks(
     *,
     task_name: str | None = None,
@@ -53,19 +69,9 @@ def list_locks(
     needle = search.strip().lower()
 
     def keep(slot: HeldSlot) -> bool:
-        if task_name is not None and slot.group.task_name != task_name:
-            return False
-        if key is not None and slot.group.key != key:
-            return False
         if expired is not None and slot.expired != expired:
             return False
-        if needle:
-            haystack = " ".join(
-                str(v or "")
-                for v in (slot.group.task_name, slot.group.key, slot.task_id, slot.hostname, slot.token)
-            )
-            return needle in haystack.lower()
-        return True
+        return _matches(slot, task_name, key, needle)
 
     descending = sort.startswith("-")
     sort_key = SORT_KEYS.get(sort.lstrip("-"), SORT_KEYS["task"])
@@ -85,20 +91,7 @@ def list_waiters(
     :func:`list_locks`), by group (task name, key), then place in line."""
     needle = search.strip().lower()
 
-    def keep(call: WaitingCall) -> bool:
-        if task_name is not None and call.group.task_name != task_name:
-            return False
-        if key is not None and call.group.key != key:
-            return False
-        if needle:
-            haystack = " ".join(
-                str(v or "")
-                for v in (call.group.task_name, call.group.key, call.task_id, call.hostname, call.token)
-            )
-            return needle in haystack.lower()
-        return True
-
-    calls = [call for call in get_backend(cache).waiting_calls() if keep(call)]
+    calls = [call for call in get_backend(cache).waiting_calls() if _matches(call, task_name, key, needle)]
     calls.sort(key=lambda call: (call.group.task_name, call.group.key or "", call.place))
     return calls
 
