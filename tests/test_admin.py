@@ -61,6 +61,7 @@ from task_workflow.throttle import (
 )
 from task_workflow.throttle import cache_backend as cache_backend_module
 from task_workflow.throttle import database_backend as database_backend_module
+from tests.blocked_callers import let_blocked_callers_finish
 from tests.testapp.models import Volume
 from tests.waiting import wait_until
 
@@ -870,15 +871,7 @@ def blocked_callers(slots, name) -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(holder=holder, calls=in_line())
     finally:
         holder.release()
-        deadline = time.monotonic() + 15
-        for thread in threads:
-            while thread.is_alive() and time.monotonic() < deadline:
-                for lease in list(taken):
-                    lease.release()
-                thread.join(0.05)
-        for lease in taken:
-            lease.release()
-        assert not any(thread.is_alive() for thread in threads), "a blocked caller never got the slot"
+        let_blocked_callers_finish(threads, taken)
 
 
 def test_the_locks_page_lists_callers_waiting_for_a_slot(admin_client, blocked_callers, name):

@@ -36,6 +36,7 @@ from example_project.tasks import stop_instance
 from task_workflow.models import TransitionRecord
 from task_workflow.tasks import throttle
 from task_workflow.throttle import HeldSlot, SlotGroup, get_backend
+from tests.blocked_callers import let_blocked_callers_finish
 from tests.testapp.tasks import hold_slot
 from tests.waiting import wait_until
 from tests.workers import ARTIFACTS_DIR, HANG_TIMEOUT, ROOT, WorkerProcess
@@ -376,12 +377,4 @@ def test_locks_page_fits_1280_pixels_with_waiters_in_the_browser(browser, live_s
         context.close()
         for group, token in written:
             backend.release(group, token)
-        deadline = time.monotonic() + 15
-        for thread in threads:
-            while thread.is_alive() and time.monotonic() < deadline:
-                for lease in list(taken):
-                    lease.release()
-                thread.join(0.05)
-        for lease in taken:
-            lease.release()
-    assert not any(thread.is_alive() for thread in threads), "a blocked caller never got the slot"
+        let_blocked_callers_finish(threads, taken)
