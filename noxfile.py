@@ -73,6 +73,9 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
     env = {
         "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/tw_nox_{name}",
         "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        # The quick start's project (tests/test_quickstart.py): a database of its own, after
+        # the sessions' 1-7 (make test, the first pair, uses 15 and 8).
+        "QUICKSTART_REDIS_URL": f"redis://127.0.0.1:6379/{redis_db + len(MATRIX)}",
         "TASK_WORKFLOW_VAR_DIR": str(Path(session.create_tmp()) / "var"),
         # Worker logs and reports of this session: another one runs beside it (run_matrix).
         "TEST_ARTIFACTS_DIR": str(ROOT / "test-artifacts" / name),

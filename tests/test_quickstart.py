@@ -12,9 +12,12 @@ What the test adds to the page's commands: the worker's ``--hostname`` (to ping 
 database is created with psycopg instead of ``createdb``. The project gets its own
 PostgreSQL database, ``QUICKSTART_DATABASE_NAME`` (default: the suite's database name
 with ``_quickstart``, ``task_workflow_quickstart`` for ``make test``; created and dropped
-here), and a Redis server of its own, started on a free port and stopped afterwards: the
-session's example workers consume the ``celery`` queue of the suite's Redis database and
-would take the project's messages there, and suites run side by side (the nox matrix).
+here), and its own Redis database, ``QUICKSTART_REDIS_URL`` (default
+``redis://127.0.0.1:6379/8``, flushed before and after; each nox session sets one of its
+own): the session's example workers consume the ``celery`` queue of the suite's Redis
+database, and would take the project's messages there. Not a Redis server of its own: a
+server up for less than the throttle's restart grace (``LOCK_TTL``, 60 s) grants no slot
+(it may have forgotten leases), which would hold the heavy task for a minute.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from django.conf import settings
 
 from tests.markdown_code import DOCS, file_blocks, shell_commands
 from tests.waiting import wait_until
-from tests.workers import HANG_TIMEOUT, RedisServer, free_port, log_tail
+from tests.workers import HANG_TIMEOUT, free_port, log_tail
 
 QUICKSTART = DOCS / "quickstart.md"
 #: The suite's database name with ``_quickstart``: each nox session has a database of its own.
@@ -50,8 +53,7 @@ PROJECT_DATABASE = (
     or (urllib.parse.urlsplit(os.environ.get("DATABASE_URL", "")).path.lstrip("/") or "task_workflow")
     + "_quickstart"
 )
-#: Set by the ``project_redis`` fixture: the URL of the project's own Redis server.
-PROJECT_REDIS_URL = ""
+PROJECT_REDIS_URL = os.environ.get("QUICKSTART_REDIS_URL", "redis://127.0.0.1:6379/8")
 #: The server the quick start's settings name (HOST, PORT, USER).
 POSTGRES = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
 #: What ``manage.py check`` prints when nothing is wrong, and nothing else.
@@ -208,15 +210,18 @@ def project_database(services: None) -> Iterator[str]:
 
 
 @pytest.fixture
-def project_redis(services: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The project's own Redis server (broker, results, throttle slots), on a free port;
-    the commands this module runs point the project at it."""
-    server = RedisServer(free_port(), name="quickstart").start()
+def project_redis(services: None) -> Iterator[str]:
+    """The project's Redis database (broker, results, throttle slots), empty; flushed
+    again afterwards."""
+    import redis
+
+    client = redis.Redis.from_url(PROJECT_REDIS_URL)
+    client.flushdb()
     try:
-        monkeypatch.setattr(sys.modules[__name__], "PROJECT_REDIS_URL", server.url)
-        yield server.url
+        yield PROJECT_REDIS_URL
     finally:
-        server.stop()
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture
