@@ -61,6 +61,17 @@ def log_of_task(worker: WorkerProcess, task_id: str) -> list[str]:
     return lines[starts[0] :] if starts else []
 
 
+def wait_for_task_log(worker: WorkerProcess, task_id: str, marker: str, what: str) -> list[str]:
+    """The worker's log lines from task ``task_id``'s receipt on, once a line of that task
+    contains ``marker`` (the task's id is part of every line Celery logs about it)."""
+
+    def lines_with_marker() -> list[str]:
+        found = log_of_task(worker, task_id)
+        return found if any(task_id in line and marker in line for line in found) else []
+
+    return wait_until(lines_with_marker, TIMEOUT, what)
+
+
 def first_run(task, volume: Volume, task_events: TaskEvents) -> None:
     result = task.apply_async(args=(str(volume.uuid),), queue=mistakes_tasks.QUEUE)
     assert task_events.wait_for_id(result.id, timeout=TIMEOUT)["type"] == "task-succeeded"
@@ -91,14 +102,8 @@ def test_a_refused_duplicate_is_one_warning_line_and_does_not_err_the_entity(
     assert (volume.state, volume.error_message) == (S.UPDATING, ""), "the refused duplicate erred the volume"
     assert history(volume) == ["begin_updating"]
 
-    lines = wait_until(
-        lambda: (
-            (found := log_of_task(mistakes_worker, duplicate.id))
-            and any("raised" in line and duplicate.id in line for line in found)
-            and found
-        ),
-        TIMEOUT,
-        "Celery's log line of the refused task",
+    lines = wait_for_task_log(
+        mistakes_worker, duplicate.id, "raised", "Celery's log line of the refused task"
     )
     text = "\n".join(lines)
     assert "raised unexpected" not in text, text
@@ -154,14 +159,8 @@ def test_with_if_not_permitted_ignore_a_refused_duplicate_is_dropped_with_nothin
     )
     # Celery's Ignore: acknowledged, no task-succeeded/failed event, no result. Celery logs
     # "ignored" at INFO, as it logs "received" and "succeeded" for every message.
-    lines = wait_until(
-        lambda: (
-            (found := log_of_task(mistakes_worker, duplicate.id))
-            and any(f"[{duplicate.id}] ignored" in line for line in found)
-            and found
-        ),
-        TIMEOUT,
-        "Celery's 'ignored' line of the dropped task",
+    lines = wait_for_task_log(
+        mistakes_worker, duplicate.id, "] ignored", "Celery's 'ignored' line of the dropped task"
     )
     text = "\n".join(lines)
     loud = [line for line in lines if LOUD.search(line)]
@@ -199,14 +198,8 @@ def test_the_setting_makes_ignore_the_default_of_every_transition_task(
     try:
         volume = Volume.objects.create(state=S.UPDATING)
         refused = mistakes_tasks.update_volume.apply_async(args=(str(volume.uuid),), queue="mistakes-ignore")
-        lines = wait_until(
-            lambda: (
-                (found := log_of_task(worker, refused.id))
-                and any(f"[{refused.id}] ignored" in line for line in found)
-                and found
-            ),
-            TIMEOUT,
-            "Celery's 'ignored' line of the dropped task",
+        lines = wait_for_task_log(
+            worker, refused.id, "] ignored", "Celery's 'ignored' line of the dropped task"
         )
     finally:
         worker.stop()
