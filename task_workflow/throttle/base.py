@@ -68,6 +68,9 @@ class AcquireResult:
     #: For a grant: a number that strictly increases per group with every grant, so a
     #: protected resource can refuse a holder whose lease has been given away.
     fencing_token: int = 0
+    #: For a refusal that is not "every slot is busy": why (``"restart grace"``: a
+    #: restarted server grants nothing until the leases it forgot have ended).
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,11 @@ class ThrottleBackend(abc.ABC):
     #: Seconds (at most; never more than the waiter's ``ttl``) that a slot handed over by
     #: a release is held before its new holder must renew it.
     handoff_claim: float = 0.0
+
+    #: Whether a slot handed over by a release counts only once its new holder has
+    #: renewed it (the durable mode: the renewal is what replicas acknowledge); else the
+    #: holder uses it at once and the lease renewer extends it in the background.
+    confirms_handoffs: bool = False
 
     @abc.abstractmethod
     def acquire(
