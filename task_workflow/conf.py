@@ -31,6 +31,14 @@ DEFAULTS: dict[str, Any] = {
     # Seconds a restarted Redis (which forgot every lease) grants no slot; at least the
     # longest lease anyone holds. ``None``: LOCK_TTL.
     "THROTTLE_RESTART_GRACE": None,
+    # How many replicas of the lock cache's Redis must acknowledge (``WAIT``) a grant, a
+    # renewal or a release before it counts; fewer within THROTTLE_REPLICAS_TIMEOUT is a
+    # store failure (fail closed). 0: no ``WAIT`` (a failover to a replica that missed the
+    # latest grants may grant a held slot again).
+    "THROTTLE_REPLICAS": 0,
+    # Seconds one ``WAIT`` for THROTTLE_REPLICAS acknowledgements may take; below
+    # THROTTLE_SOCKET_TIMEOUT.
+    "THROTTLE_REPLICAS_TIMEOUT": 0.5,
     # Queue that receives tasks declared with ``is_heavy_task=True``.
     "HEAVY_QUEUE": "heavy",
     # Write a TransitionRecord for every transition applied through task_workflow.

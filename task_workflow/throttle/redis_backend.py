@@ -70,15 +70,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from typing import Any, cast
 
 from redis import Redis
 from redis.commands.core import Script
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .base import AcquireResult, HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
+from .errors import ReplicationNotAcknowledged
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ LINE_SUFFIX = ":line"
 #: The group's keys, in the order of the scripts' ``KEYS`` (``scripts/prelude.lua``).
 KEY_SUFFIXES = (HOLDERS_SUFFIX, ":meta", ":line", ":alive", ":waiter_meta", ":seq", ":handed", ":wake")
 
+#: ``AcquireResult.reason`` of a refusal, by the tag the acquire script gives it.
+REFUSAL_REASONS = {b"grace": "restart grace"}
+
 #: Characters with a meaning in a ``SCAN MATCH`` pattern.
 GLOB_CHARACTERS = "\\*?[]"
 
@@ -123,6 +127,16 @@ class RedisThrottleBackend(ThrottleBackend):
     ``restart_grace`` (seconds): a server that has been up for less than this when a
     group's counter is missing grants nothing in that group until it has; it must be at
     least the longest lease anyone holds (default ``TASK_WORKFLOW['LOCK_TTL']``).
+
+    ``replicas`` (``TASK_WORKFLOW['THROTTLE_REPLICAS']``): with N > 0, a grant, renewal,
+    release or handed slot counts only once N replicas acknowledged it: each such script
+    call is followed, in the same non-transactional pipeline on the same connection, by
+    ``WAIT N <replicas_timeout>``, and fewer acknowledgements raise
+    :class:`~task_workflow.throttle.errors.ReplicationNotAcknowledged` (a store failure:
+    the caller gives a grant back, the backend does not). 0 sends no ``WAIT``.
+
+    ``primary_check``: called before each script call and ``BLPOP`` (Sentinel's primary
+    watch: it makes the pool reconnect to a new primary); ``None``, nothing is called.
     """
 
     wakes_waiters = True
@@ -148,10 +162,31 @@ class RedisThrottleBackend(ThrottleBackend):
     #: Groups whose key names are kept (per-entity keys make many groups; cleared when full).
     KEY_CACHE_SIZE = 4096
 
-    def __init__(self, client: Redis, key_prefix: str, *, restart_grace: float = 60.0) -> None:
+    def __init__(
+        self,
+        client: Redis,
+        key_prefix: str,
+        *,
+        restart_grace: float = 60.0,
+        replicas: int = 0,
+        replicas_timeout: float = 0.5,
+        primary_check: Callable[[], None] | None = None,
+    ) -> None:
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, not {replicas}")
+        if replicas and not 0 < replicas_timeout < math.inf:
+            raise ValueError(f"replicas_timeout must be finite and > 0 seconds, not {replicas_timeout}")
         self.client = client
         self.key_prefix = key_prefix
         self.restart_grace = restart_grace
+        self.replicas = replicas
+        self.replicas_timeout = replicas_timeout
+        # WAIT takes whole milliseconds, and 0 would block for ever.
+        self._wait_ms = max(1, math.ceil(replicas_timeout * 1000))
+        self.primary_check = primary_check
+        # A handed slot is replicated by its new holder's renewal (acknowledged), so in the
+        # durable mode the holder renews before it uses it.
+        self.confirms_handoffs = replicas > 0
         # The protocol's constants, ARGV 1-4 of every script (scripts/prelude.lua): read
         # here, so a subclass or a setting changes them without another script text.
         self._constants = tuple(
@@ -191,10 +226,44 @@ class RedisThrottleBackend(ThrottleBackend):
     def _run(self, script: Script, group: SlotGroup, token: str, *args: bytes) -> Any:
         """Run ``script`` about ``token``: KEYS the group's keys and ``token``'s wake list,
         ARGV the protocol's constants, ``token`` and ``args`` (scripts/prelude.lua)."""
+        if self.primary_check is not None:
+            self.primary_check()
         return script(
             keys=[*self._keys(group), self._wake_key(group, token)],
             args=[*self._constants, token.encode(), *args],
         )
+
+    def _run_replicated(self, script: Script, group: SlotGroup, token: str, *args: bytes) -> tuple[Any, int]:
+        """Run ``script`` as :meth:`_run` does, then ``WAIT`` for the replicas; return the
+        script's reply and how many replicas acknowledged (every write of the connection
+        so far, so the script's own).
+
+        Both commands go in one non-transactional pipeline: one round trip, and ``WAIT``
+        runs on the connection that wrote. The script is sent as ``EVALSHA`` (a redis-py
+        ``Script`` queued in a pipeline would ask ``SCRIPT EXISTS`` first, a round trip per
+        call); a server that does not know it (restarted, failed over) answers
+        ``NOSCRIPT``, and it is loaded and the pipeline sent again, as ``Script`` does.
+        """
+        if self.primary_check is not None:
+            self.primary_check()
+        keys = [*self._keys(group), self._wake_key(group, token)]
+        argv = [*self._constants, token.encode(), *args]
+        for attempt in range(2):
+            pipeline = self.client.pipeline(transaction=False)
+            pipeline.evalsha(script.sha, len(keys), *keys, *argv)
+            pipeline.wait(self.replicas, self._wait_ms)
+            reply, acknowledged = pipeline.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 0:
+                self.client.script_load(script.script)
+                continue
+            for answer in (reply, acknowledged):
+                if isinstance(answer, Exception):
+                    raise answer
+            break
+        return reply, int(acknowledged)
+
+    def _not_acknowledged(self, operation: str, acknowledged: int) -> ReplicationNotAcknowledged:
+        return ReplicationNotAcknowledged(operation, acknowledged, self.replicas, self.replicas_timeout)
 
     def acquire(
         self,
@@ -204,28 +273,43 @@ class RedisThrottleBackend(ThrottleBackend):
         ttl: float,
         metadata: dict[str, Any],
     ) -> AcquireResult:
-        reply = self._run(
-            self._acquire,
-            group,
-            token,
-            b"%d" % concurrency,
-            b"%d" % math.ceil(ttl * 1000),
-            json.dumps(metadata).encode(),
-        )
-        if reply > 0:
-            return AcquireResult(True, fencing_token=reply)
-        return AcquireResult(False, (-1 - reply) / 1000)
+        args = (b"%d" % concurrency, b"%d" % math.ceil(ttl * 1000), json.dumps(metadata).encode())
+        if not self.replicas:
+            return acquire_result(self._run(self._acquire, group, token, *args))
+        reply, acknowledged = self._run_replicated(self._acquire, group, token, *args)
+        result = acquire_result(reply)
+        # A refusal only registered a waiter: nothing a failover could turn into a second
+        # holder, so its acknowledgements do not matter.
+        if result.acquired and acknowledged < self.replicas:
+            raise self._not_acknowledged("grant", acknowledged)
+        return result
 
     def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
-        return bool(self._run(self._release, group, token))
+        if not self.replicas:
+            return bool(self._run(self._release, group, token))
+        reply, acknowledged = self._run_replicated(self._release, group, token)
+        # Raised even when nothing was removed: an earlier attempt (a give-back retried,
+        # redis-py's retry after a lost reply) may have removed it unacknowledged, and a
+        # replica promoted now would still hold the slot.
+        if acknowledged < self.replicas:
+            raise self._not_acknowledged("release", acknowledged)
+        return bool(reply)
 
     def renew(self, group: SlotGroup, token: str, slot: str, ttl: float) -> bool:
-        return bool(self._run(self._renew, group, token, b"%d" % math.ceil(ttl * 1000)))
+        args = (b"%d" % math.ceil(ttl * 1000),)
+        if not self.replicas:
+            return bool(self._run(self._renew, group, token, *args))
+        reply, acknowledged = self._run_replicated(self._renew, group, token, *args)
+        if reply and acknowledged < self.replicas:
+            raise self._not_acknowledged("renewal", acknowledged)
+        return bool(reply)
 
     def wait_for_release(self, group: SlotGroup, token: str, timeout: float) -> AcquireResult | None:
         # BLPOP takes fractional seconds; 0 would block forever, so keep a floor. Capped
         # below the socket timeout, so a wait is never taken for a dead connection.
         own, shared = self._wake_key(group, token), self._keys(group)[7]
+        if self.primary_check is not None:
+            self.primary_check()
         popped = self.client.blpop([own, shared], timeout=min(max(timeout, 0.001), self._max_block))
         if popped is None:
             return None
@@ -258,7 +342,12 @@ class RedisThrottleBackend(ThrottleBackend):
             )
 
     def cancel_wait(self, group: SlotGroup, token: str) -> AcquireResult | None:
-        fence = self._run(self._cancel_wait, group, token)
+        if not self.replicas:
+            fence = self._run(self._cancel_wait, group, token)
+        else:
+            fence, acknowledged = self._run_replicated(self._cancel_wait, group, token)
+            if fence and acknowledged < self.replicas:
+                raise self._not_acknowledged("handed slot", acknowledged)
         return AcquireResult(True, handed_over=True, fencing_token=fence) if fence else None
 
     def waiting(self, group: SlotGroup) -> list[str]:
@@ -413,3 +502,16 @@ def waiting_call_from_metadata(token: str, place: int, meta: dict[str, Any], now
         hostname=meta.get("hostname"),
         pid=meta.get("pid"),
     )
+
+
+def acquire_result(reply: Any) -> AcquireResult:
+    """The acquire script's reply as an :class:`AcquireResult`: a fencing token (> 0) for a
+    grant; ``-1 - ms`` for a refusal, ``ms`` the wait until the earliest lease may end; or
+    ``[-1 - ms, tag]`` for a refusal with a reason (``b"grace"``: the restart grace)."""
+    if isinstance(reply, list):
+        code, tag = reply
+        tag = tag if isinstance(tag, bytes) else str(tag).encode()
+        return AcquireResult(False, (-1 - int(code)) / 1000, reason=REFUSAL_REASONS.get(tag, tag.decode()))
+    if reply > 0:
+        return AcquireResult(True, fencing_token=reply)
+    return AcquireResult(False, (-1 - reply) / 1000)
