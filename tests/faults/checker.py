@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,8 @@ class LoggedWrite:
     hostname: str
     pid: int
     seq: int
+    #: The writer's lease owner token ("" in logs without it).
+    owner: str = ""
 
 
 @dataclass
@@ -209,6 +211,13 @@ class Report:
     in_lease_refused: int = 0
     #: A grant whose fencing token is not above that of a grant known to come first.
     token_regressions: int = 0
+    #: Pairs of grants of one group with the same fencing token and different owners.
+    repeated_tokens: int = 0
+    #: Grants whose fencing token is below that of a grant known to come first.
+    backward_tokens: int = 0
+    #: The figures of the stretch each kind of fault influenced (``kind_figures``), and
+    #: "none" for the time before the first fault.
+    by_kind: dict[str, KindFigures] = field(default_factory=dict)
     #: Grants that started within the restart grace after a Redis restart.
     grants_in_grace: int = 0
     #: Per Redis restart: seconds from spawning the new server to the first grant.
@@ -251,6 +260,7 @@ class Report:
             ("late writes (accepted)", f"{self.late_writes} ({self.late_accepted})"),
             ("in-lease writes refused", str(self.in_lease_refused)),
             ("fencing token regressions", str(self.token_regressions)),
+            ("repeated / backward tokens", f"{self.repeated_tokens} / {self.backward_tokens}"),
             ("grants inside restart grace", str(self.grants_in_grace)),
             ("first grant after a restart", self._first_grants()),
             ("timeouts / unavailable / errors", "{} / {} / {}".format(*self._event_counts())),
@@ -285,8 +295,49 @@ class Report:
             "late_writes": self.late_writes,
             "in_lease_refused": self.in_lease_refused,
             "token_regressions": self.token_regressions,
+            "repeated_tokens": self.repeated_tokens,
+            "backward_tokens": self.backward_tokens,
             "grants_in_grace": self.grants_in_grace,
+            "by_kind": {kind: vars(k) for kind, k in self.by_kind.items()},
         }
+
+    def kind_table(self) -> str:
+        """The figures per kind of fault, one line each (``kind_figures``)."""
+        lines = []
+        for kind, k in sorted(self.by_kind.items()):
+            believers = ", ".join(f"{g} {n}/{k.limits[g]}" for g, n in sorted(k.max_believers.items()))
+            recovery = "-"
+            if k.first_grants:
+                ordered = sorted(k.first_grants)
+                recovery = f"median {ordered[len(ordered) // 2]:.2f} s, max {ordered[-1]:.2f} s"
+            lines.append(
+                f"{kind:<17} faults {k.faults}, holds {k.holds}; max believers/limit {believers};"
+                f" repeated tokens {k.repeated_tokens}, backward {k.backward_tokens};"
+                f" stale writes accepted {k.stale_accepted}, refused {k.stale_refused};"
+                f" fault -> first grant {recovery}"
+            )
+        return "\n".join(lines)
+
+
+@dataclass
+class KindFigures:
+    """What happened while one kind of fault was in effect: from each fault of the kind
+    to the next fault (or the end of the run), where its consequences (a failover, the
+    recovery after it) play out."""
+
+    kind: str
+    limits: dict[str, int]
+    faults: int = 0
+    holds: int = 0
+    #: Group -> the most holds believing at once.
+    max_believers: dict[str, int] = field(default_factory=dict)
+    repeated_tokens: int = 0
+    backward_tokens: int = 0
+    stale_accepted: int = 0
+    stale_refused: int = 0
+    #: Per fault: seconds from its start (the kill, the failover command, the pause) to
+    #: the first grant after it.
+    first_grants: list[float] = field(default_factory=list)
 
 
 # -- the analysis -------------------------------------------------------------------
@@ -383,6 +434,111 @@ def token_regressions(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
     return found
 
 
+def backward_tokens(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
+    """Pairs (earlier, later) of one group where ``later`` asked for its slot only after
+    ``earlier``'s acquire had returned (so the store granted ``earlier`` first, on the
+    one clock every holder reads), yet got a smaller fencing token: a token that went
+    backwards. (Two grants whose calls overlap have no known order: not compared.)"""
+    return [(earlier, later) for earlier, later in token_regressions(holds) if earlier.fence > later.fence]
+
+
+def repeated_tokens(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
+    """Pairs of holds of one group with the same fencing token and different owners (the
+    first granted, then each other one): one token granted twice, whatever the order."""
+    by_fence: dict[int, list[Hold]] = defaultdict(list)
+    for hold in holds:
+        by_fence[hold.fence].append(hold)
+    found: list[tuple[Hold, Hold]] = []
+    for same in by_fence.values():
+        first, *others = sorted(same, key=lambda h: h.start)
+        found += [
+            (first, other) for other in others if (other.owner, other.holder) != (first.owner, first.holder)
+        ]
+    return found
+
+
+def max_believers(holds: Sequence[Hold], since: float, until: float) -> int:
+    """The most ``holds`` believing at once at some moment of ``since``..``until``."""
+    events: list[tuple[float, int]] = []
+    for h in holds:
+        start, end = max(h.start, since), min(h.end, until)
+        if end > start:
+            events += [(start, 1), (end, -1)]
+    events.sort()  # at one instant an end (-1) comes before a start: no overlap
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def kind_figures(
+    holds_by_group: dict[str, list[Hold]],
+    faults: Sequence[Fault],
+    write_times: dict[tuple[str, int, int], float],
+    write_log: Sequence[LoggedWrite],
+    limits: dict[str, int],
+) -> dict[str, KindFigures]:
+    """The figures of each kind of fault over the stretches it influenced: from each
+    fault's start to the next fault's (the last one's to the end of the run); "none" is
+    the time before the first fault. A repeated or backward token counts where its later
+    grant started; a stale write where it was answered (``write_times``: (hostname, pid,
+    seq) of a write -> when its answer came)."""
+    ordered = sorted(faults, key=lambda f: f.start)
+    starts = [f.start for f in ordered]
+    windows: list[tuple[str, float, float]] = [("none", float("-inf"), starts[0] if starts else float("inf"))]
+    for i, fault in enumerate(ordered):
+        windows.append((fault.kind, fault.start, starts[i + 1] if i + 1 < len(starts) else float("inf")))
+    figures: dict[str, KindFigures] = {}
+
+    def kind_at(t: float) -> KindFigures:
+        return figures[next(kind for kind, since, until in windows if since <= t < until)]
+
+    all_holds = sorted((h for group in holds_by_group.values() for h in group), key=lambda h: h.start)
+    for kind, since, until in windows:
+        k = figures.setdefault(kind, KindFigures(kind, dict(limits)))
+        k.faults += kind != "none"
+        for key in limits:
+            n = max_believers(holds_by_group.get(key, []), since, until)
+            k.max_believers[key] = max(k.max_believers.get(key, 0), n)
+        if kind != "none":
+            after = [h.start for h in all_holds if h.start > since + ANSWER_SLACK]
+            if after:
+                k.first_grants.append(after[0] - since)
+    for hold in all_holds:
+        kind_at(hold.start).holds += 1
+    for holds in holds_by_group.values():
+        for _, later in repeated_tokens(holds):
+            kind_at(later.start).repeated_tokens += 1
+        for _, later in backward_tokens(holds):
+            kind_at(later.start).backward_tokens += 1
+    for row, stale in _judge_writes(write_log):
+        done = write_times.get((row.hostname, row.pid, row.seq))
+        if done is None or not stale:
+            continue
+        k = kind_at(done)
+        if row.accepted:
+            k.stale_accepted += 1
+        else:
+            k.stale_refused += 1
+    return figures
+
+
+def _judge_writes(write_log: Sequence[LoggedWrite]) -> Iterator[tuple[LoggedWrite, bool]]:
+    """Each row of the write log with whether it was stale when the resource saw it: its
+    token below the newest accepted one, or equal to it from another owner (a token that
+    two owners hold fences neither off from the other)."""
+    newest: dict[str, LoggedWrite] = {}
+    for row in sorted(write_log, key=lambda r: r.id):
+        top = newest.get(row.name)
+        stale = top is not None and (
+            row.token < top.token or (row.token == top.token and row.owner != top.owner)
+        )
+        yield row, stale
+        if row.accepted and (top is None or row.token >= top.token):
+            newest[row.name] = row
+
+
 def check(
     logs: Iterable[HolderLog],
     faults: Sequence[Fault],
@@ -414,7 +570,21 @@ def check(
                 report.notes.append(
                     f"token regression in {key}: {earlier.describe()} then {later.describe()}"
                 )
+        for first, other in repeated_tokens(holds_by_group.get(key, [])):
+            report.repeated_tokens += 1
+            if report.repeated_tokens <= 5:
+                report.notes.append(
+                    f"token granted twice in {key}: {first.describe()} and {other.describe()}"
+                )
+        report.backward_tokens += len(backward_tokens(holds_by_group.get(key, [])))
     _check_writes(report, holds_by_group, write_log)
+    write_times = {
+        (h.hostname, h.pid, w.seq): w.done
+        for group in holds_by_group.values()
+        for h in group
+        for w in h.writes
+    }
+    report.by_kind = kind_figures(holds_by_group, faults, write_times, write_log, limits)
     _check_restarts(report, [h for group in holds_by_group.values() for h in group], faults, restart_grace)
     return report
 
@@ -455,14 +625,13 @@ def _check_restarts(report: Report, holds: Sequence[Hold], faults: Sequence[Faul
 def _check_writes(
     report: Report, holds_by_group: dict[str, list[Hold]], write_log: Sequence[LoggedWrite]
 ) -> None:
-    highest: dict[str, int] = {}
-    for row in sorted(write_log, key=lambda r: r.id):
+    for row, stale in _judge_writes(write_log):
         if row.accepted:
             report.writes_accepted += 1
-            if row.token < highest.get(row.name, row.token):
+            if stale:
                 report.stale_accepted += 1
-                report.notes.append(f"stale write accepted: {row}")
-            highest[row.name] = max(highest.get(row.name, row.token), row.token)
+                if report.stale_accepted <= 5:
+                    report.notes.append(f"stale write accepted: {row}")
         else:
             report.stale_refused += 1
     for holds in holds_by_group.values():

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.faults.checker import (
     Fault,
     Hold,
@@ -14,8 +16,11 @@ from tests.faults.checker import (
     LoggedWrite,
     Report,
     Write,
+    backward_tokens,
     check,
+    max_believers,
     parse_records,
+    repeated_tokens,
     token_regressions,
 )
 
@@ -121,3 +126,70 @@ def test_records_of_a_killed_holder_end_at_the_kill(tmp_path: Path) -> None:
     ]
     assert log.holds[0].writes == [Write(1, 7, True, 0.2, 0.21)]
     assert log.hostname == "faults-host-0"
+
+
+def test_one_token_granted_to_two_owners_is_a_repeated_token_whatever_the_order() -> None:
+    a = hold(1, 7, 0.0, 1.0, owner="a" * 32)
+    b = hold(2, 7, 0.5, 2.0, owner="b" * 32, t_req=-1.0)  # asked before a's grant: order unknown
+    c = hold(3, 8, 2.5, 3.0, owner="c" * 32)
+    assert repeated_tokens([b, c, a]) == [(a, b)]
+    report = run([a, b, c])
+    assert (report.repeated_tokens, report.backward_tokens) == (1, 0)
+    # The pair is also a regression for the old figure only when the order is known.
+    assert report.token_regressions == 0
+
+
+def test_a_smaller_token_after_a_known_earlier_grant_is_backward_an_equal_one_is_not() -> None:
+    first = hold(1, 10, 0.0, 1.0, owner="a")
+    smaller = hold(2, 9, 2.0, 3.0, t_req=1.5, owner="b")
+    equal = hold(3, 10, 3.5, 4.0, t_req=3.2, owner="c")
+    assert backward_tokens([first, smaller, equal]) == [(first, smaller)]
+    report = run([first, smaller, equal])
+    assert (report.backward_tokens, report.repeated_tokens, report.token_regressions) == (1, 1, 2)
+    # A smaller token whose call overlapped the larger grant's: the order is unknown.
+    assert backward_tokens([first, hold(2, 9, 2.0, 3.0, t_req=-0.5, owner="b")]) == []
+
+
+def test_an_equal_token_accepted_from_another_owner_is_a_stale_write() -> None:
+    log = [
+        LoggedWrite(1, "solo", 5, True, "a", 1, 1, owner="A"),
+        LoggedWrite(2, "solo", 5, True, "a", 1, 2, owner="A"),  # the holder's own second write
+        LoggedWrite(3, "solo", 5, True, "b", 2, 1, owner="B"),  # same token, another owner
+        LoggedWrite(4, "solo", 5, False, "a", 1, 3, owner="A"),
+        LoggedWrite(5, "solo", 6, True, "a", 1, 4, owner="C"),
+    ]
+    report = run([], write_log=log)
+    assert (report.writes_accepted, report.stale_accepted, report.stale_refused) == (4, 1, 1)
+
+
+def test_max_believers_counts_within_the_window_only() -> None:
+    holds = [hold(1, 1, 0.0, 2.0), hold(2, 2, 1.0, 3.0), hold(3, 3, 2.5, 4.0)]
+    assert max_believers(holds, float("-inf"), float("inf")) == 2
+    assert max_believers(holds, 2.0, 2.4) == 1  # 1 ended at 2.0 exactly: no overlap
+    assert max_believers(holds, 2.6, 10.0) == 2
+
+
+def test_figures_per_kind_of_fault_cover_the_stretch_to_the_next_fault() -> None:
+    kill = Fault("primary-kill", 10.0, 12.0, detail={"promoted": 12.0})
+    failover = Fault("orderly-failover", 20.0, 20.5)
+    a = hold(1, 100, 5.0, 10.5, owner="a", writes=[Write(1, 100, True, 5.0, 5.01)])
+    b = hold(2, 100, 12.5, 14.0, owner="b", t_req=11.0, writes=[Write(1, 100, True, 12.5, 12.51)])
+    c = hold(3, 99, 20.2, 21.0, owner="c", t_req=14.5, writes=[Write(1, 99, False, 20.2, 20.21)])
+    d = hold(4, 200, 20.1, 22.0, owner="d", t_req=19.0)
+    log = [
+        LoggedWrite(1, "solo", 100, True, "host-1", 1, 1, owner="a"),
+        LoggedWrite(2, "solo", 100, True, "host-2", 2, 1, owner="b"),  # stale: same token
+        LoggedWrite(3, "solo", 99, False, "host-3", 3, 1, owner="c"),  # stale, refused
+    ]
+    report = check([HolderLog("all", holds=[a, b, c, d])], [kill, failover], log, {"solo": 1})
+    none, killed, switched = (report.by_kind[k] for k in ("none", "primary-kill", "orderly-failover"))
+    assert (none.faults, none.holds, none.max_believers) == (0, 1, {"solo": 1})
+    assert (killed.faults, killed.holds, killed.max_believers) == (1, 1, {"solo": 1})
+    assert (killed.repeated_tokens, killed.backward_tokens, killed.stale_accepted) == (1, 0, 1)
+    assert killed.first_grants == [2.5]  # kill at 10.0 -> b granted at 12.5
+    # c asked at 14.5, after b's grant (100, at 12.5), and got 99: backward. c and d
+    # overlap (two believers of a limit-1 group after the failover).
+    assert (switched.holds, switched.max_believers, switched.backward_tokens) == (2, {"solo": 2}, 1)
+    assert (switched.stale_refused, switched.stale_accepted) == (1, 0)
+    assert switched.first_grants == [pytest.approx(0.1)]
+    assert "primary-kill" in report.kind_table()
