@@ -3,6 +3,7 @@
 from django.db import models
 from django_fsm import transition
 
+from task_workflow.fencing import FencedMixin
 from task_workflow.models import StateMixin, UuidMixin
 
 
@@ -74,3 +75,27 @@ class Divisor(models.Model):
 
     def __str__(self) -> str:
         return f"divisor {self.n}"
+
+
+class FencedResource(FencedMixin, models.Model):
+    """A resource that only the newest throttle holder may write (``FencedMixin``):
+    ``payload`` says who wrote last, ``writes`` counts accepted writes."""
+
+    name = models.CharField(max_length=100, unique=True)
+    payload = models.CharField(max_length=200, default="", blank=True)
+    writes = models.PositiveIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"fenced resource {self.name}"
+
+
+class DocsBackend(FencedMixin, models.Model):
+    """The ``Backend`` of the fencing example in docs/design/throttle-protocol.md, run by
+    tests/test_fencing.py: ``spec``, written under the fence, and ``fence``, the
+    hand-rolled column of the example as first documented (``fence__lte``)."""
+
+    spec = models.JSONField(default=dict)
+    fence = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"docs backend {self.pk}"
