@@ -106,6 +106,9 @@ class CampaignConfig:
     kinds: tuple[str, ...] = FAULT_KINDS
     #: Keep records and logs in test-artifacts/faults-<id> even when the run passed.
     keep_artifacts: bool = False
+    #: A directory whose ``task_workflow`` package the holders import instead of this
+    #: checkout's (e.g. ``git archive`` of an older commit: the code before a fix).
+    code_path: Path | None = None
 
     @property
     def restart_grace(self) -> float:
@@ -253,13 +256,12 @@ class Database:
         with self.connect(self.name) as conn:
             conn.execute(SCHEMA)
             for name in fenced:
-                conn.execute("INSERT INTO fenced_resource VALUES (%s, 0, 0)", (name,))
+                conn.execute("INSERT INTO fenced_resource VALUES (%s, 0, '', 0)", (name,))
 
     def write_log(self) -> list[LoggedWrite]:
         with self.connect(self.name) as conn:
-            rows = conn.execute(
-                "SELECT id, name, token, accepted, hostname, pid, seq FROM fenced_write_log ORDER BY id"
-            ).fetchall()
+            columns = "id, name, token, accepted, hostname, pid, seq, owner"
+            rows = conn.execute(f"SELECT {columns} FROM fenced_write_log ORDER BY id").fetchall()
         return [LoggedWrite(*row) for row in rows]
 
     def drop(self) -> None:
@@ -399,8 +401,7 @@ class Campaign:
         self.topology.create()
         self.database.create([g.key for g in self.config.groups if g.fenced])
         self._database_created = True
-        self.redis.start()
-        self._start_proxy()
+        self.start_services()
         pending = [
             self._spawn_holder(host)
             for host in self.topology.hosts
@@ -420,7 +421,23 @@ class Campaign:
 
         wait_until(every_group_held, 30, "a first hold of every group")
 
-    def _start_proxy(self) -> None:
+    def start_services(self) -> None:
+        """Start the throttle's store and the proxy in the services namespace."""
+        self.redis.start()
+        self._start_proxy()
+
+    def stop_services(self) -> None:
+        self.redis.stop()
+
+    def services_broken(self) -> list[str]:
+        """What of the services exited on its own (no fault ended it)."""
+        if self.redis.process is not None and self.redis.process.poll() is None:
+            return []
+        status = self.redis.process.returncode if self.redis.process else None
+        return [f"the run's Redis exited with {status}"]
+
+    def proxy_routes(self) -> list[RouteSpec]:
+        """The database route, and one route per host to the run's Redis."""
         routes = [
             RouteSpec(
                 "db", (SERVICES_DB_ADDRESS, 5432), (POSTGRES_HOST, POSTGRES_PORT),
@@ -435,7 +452,10 @@ class Campaign:
                     listen_netns=self.topology.services, connect_netns=self.topology.services,
                 )
             )  # fmt: skip
-        self.proxy = ProxyProcess(routes, self.dir / "proxy.sock", self.dir / "proxy.log", ROOT)
+        return routes
+
+    def _start_proxy(self) -> None:
+        self.proxy = ProxyProcess(self.proxy_routes(), self.dir / "proxy.sock", self.dir / "proxy.log", ROOT)
         self.control = self.proxy.start()
         assert self.proxy.process is not None
         self.registry.add_pid(self.proxy.process.pid)  # lives in the root namespace
@@ -449,18 +469,7 @@ class Campaign:
         name = f"h{host.index}-{self._holder_serial:03d}"
         holder = HolderProcess(host, name, self.dir / "records" / f"{name}.jsonl", self.dir / f"{name}.log")
         config = self.config
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DJANGO_SETTINGS_MODULE": "tests.faults.settings",
-            "DATABASE_URL": f"postgres://postgres@{SERVICES_DB_ADDRESS}:5432/{self.database.name}",
-            "THROTTLE_REDIS_URL": f"redis://{SERVICES_REDIS_ADDRESS}:{REDIS_ROUTE_PORT + host.index}/0",
-            # Celery and the default cache are not used; point them at the run's Redis anyway.
-            "REDIS_URL": f"redis://{SERVICES_REDIS_ADDRESS}:{REDIS_ROUTE_PORT + host.index}/1",
-            PARENT_ENV: str(os.getpid()),
-            "TWF_TTL": str(config.ttl),
-            "TWF_GRACE": str(config.restart_grace),
-        }
+        env = self.holder_env(host)
         command = host.command(
             sys.executable, "-m", "tests.faults.holder", "--hostname", host.hostname,
             "--records", str(holder.records_path), "--groups", ",".join(str(g) for g in config.groups),
@@ -473,6 +482,22 @@ class Campaign:
             )
         self.holders.append(holder)
         return holder
+
+    def holder_env(self, host: Host) -> dict[str, str]:
+        """The environment of a holder process on ``host``: the run's database and store."""
+        code = [str(self.config.code_path)] if self.config.code_path else []
+        return {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([*code, str(ROOT)]),
+            "DJANGO_SETTINGS_MODULE": "tests.faults.settings",
+            "DATABASE_URL": f"postgres://postgres@{SERVICES_DB_ADDRESS}:5432/{self.database.name}",
+            "THROTTLE_REDIS_URL": f"redis://{SERVICES_REDIS_ADDRESS}:{REDIS_ROUTE_PORT + host.index}/0",
+            # Celery and the default cache are not used; point them at the run's Redis anyway.
+            "REDIS_URL": f"redis://{SERVICES_REDIS_ADDRESS}:{REDIS_ROUTE_PORT + host.index}/1",
+            PARENT_ENV: str(os.getpid()),
+            "TWF_TTL": str(self.config.ttl),
+            "TWF_GRACE": str(self.config.restart_grace),
+        }
 
     def _wait_ready(self, holder: HolderProcess, timeout: float = 60.0) -> None:
         def ready() -> bool:
@@ -489,7 +514,7 @@ class Campaign:
         steps: list[Callable[[], None]] = [
             lambda: self._kill_holders(),
             lambda: self.proxy.stop() if self.proxy else None,
-            self.redis.stop,
+            self.stop_services,
             self.topology.destroy,
             lambda: self.database.drop() if self._database_created else None,
             self.registry.remove,
@@ -529,7 +554,11 @@ class Campaign:
         return self.check()
 
     def inject(self, kind: str) -> Fault:
-        handler = {
+        return self.fault_handlers()[kind]()
+
+    def fault_handlers(self) -> dict[str, Callable[[], Fault]]:
+        """Fault kind -> the method that injects it (and returns once it is over)."""
+        return {
             "sigkill": self.fault_sigkill,
             "sigstop": lambda: self.fault_sigstop(waiting=False),
             "sigstop-waiter": lambda: self.fault_sigstop(waiting=True),
@@ -537,8 +566,7 @@ class Campaign:
             "restart": self.fault_restart,
             "cut-restart": self.fault_cut_restart,
             "latency": self.fault_latency,
-        }[kind]
-        return handler()
+        }
 
     def _live(self) -> list[HolderProcess]:
         for holder in self.holders:
@@ -683,18 +711,16 @@ class Campaign:
         self.recoveries.append(first - since)
 
     def _check_intact(self) -> None:
-        """``CampaignError`` if a holder or the run's Redis exited on its own (only faults
-        end them, and a fault starts a replacement or a new server before it returns)."""
+        """``CampaignError`` if a holder or a service exited on its own (only faults end
+        them, and a fault starts a replacement or a new server before it returns)."""
         dead = [h for h in self.holders if not h.alive()]
-        redis_gone = self.redis.process is None or self.redis.process.poll() is not None
-        if dead or redis_gone:
+        services = self.services_broken()
+        if dead or services:
             what = [
                 f"holder {h.name} (pid {h.pid}) exited with {h.process and h.process.returncode}"
                 for h in dead
             ]
-            if redis_gone:
-                status = self.redis.process.returncode if self.redis.process else None
-                what.append(f"the run's Redis exited with {status}")
+            what += services
             raise CampaignError(
                 f"{'; '.join(what)}, killed by none of the campaign's faults (another run's clean-up? "
                 f"namespaces of this run now: {run_namespaces(self.run_id)})"
@@ -750,16 +776,20 @@ class Campaign:
         report.wall_seconds = time.monotonic() - self.started_at
         return report
 
+    def judge(self, report: Report) -> bool:
+        """Whether the run passed (its artifacts are removed then)."""
+        return passed(report)
+
     def describe_faults(self) -> str:
         return "\n".join(f.describe() for f in self.faults)
 
 
-def run_campaign(config: CampaignConfig) -> tuple[Report, Path]:
+def run_campaign(config: CampaignConfig, kind: type[Campaign] = Campaign) -> tuple[Report, Path]:
     """Run one campaign; return its report and its artifacts directory: records, logs and
     ``report.txt``, kept when the run failed (``passed``), broke (an exception: then the
     report is the error, the faults so far and every holder's state) or with
     ``keep_artifacts``, else removed."""
-    with Campaign(config) as campaign:
+    with kind(config) as campaign:
         try:
             report = campaign.run()
         except Exception as exc:
@@ -769,7 +799,7 @@ def run_campaign(config: CampaignConfig) -> tuple[Report, Path]:
             )
             exc.add_note(f"records and logs in {campaign.dir}")
             raise
-        campaign.passed = passed(report)
+        campaign.passed = campaign.judge(report)
         if not campaign.passed or config.keep_artifacts:
             (campaign.dir / "report.txt").write_text(
                 report.table() + "\n\n" + "\n\n".join(v.describe() for v in report.violations) + "\n\n"

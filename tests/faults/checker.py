@@ -200,6 +200,8 @@ class Report:
     holds: int = 0
     hostnames: dict[str, int] = field(default_factory=dict)  # hostname -> holds
     faults: Counter[str] = field(default_factory=Counter)
+    #: The faults themselves, in the order they were injected.
+    injected: list[Fault] = field(default_factory=list)
     groups: dict[str, GroupFigures] = field(default_factory=dict)
     violations: list[Violation] = field(default_factory=list)
     writes_accepted: int = 0
@@ -335,8 +337,8 @@ class KindFigures:
     backward_tokens: int = 0
     stale_accepted: int = 0
     stale_refused: int = 0
-    #: Per fault: seconds from its start (the kill, the failover command, the pause) to
-    #: the first grant after it.
+    #: Per fault: seconds from its start (the failover command), or its kill (``detail
+    #: ["killed"]``) if it had one, to the first grant after that.
     first_grants: list[float] = field(default_factory=list)
 
 
@@ -486,25 +488,29 @@ def kind_figures(
     seq) of a write -> when its answer came)."""
     ordered = sorted(faults, key=lambda f: f.start)
     starts = [f.start for f in ordered]
-    windows: list[tuple[str, float, float]] = [("none", float("-inf"), starts[0] if starts else float("inf"))]
-    for i, fault in enumerate(ordered):
-        windows.append((fault.kind, fault.start, starts[i + 1] if i + 1 < len(starts) else float("inf")))
+    first = starts[0] if starts else float("inf")
+    windows: list[tuple[str, float, float, Fault | None]] = [("none", float("-inf"), first, None)]
+    for i, injected in enumerate(ordered):
+        until = starts[i + 1] if i + 1 < len(starts) else float("inf")
+        windows.append((injected.kind, injected.start, until, injected))
     figures: dict[str, KindFigures] = {}
 
     def kind_at(t: float) -> KindFigures:
-        return figures[next(kind for kind, since, until in windows if since <= t < until)]
+        return figures[next(kind for kind, since, until, _ in windows if since <= t < until)]
 
     all_holds = sorted((h for group in holds_by_group.values() for h in group), key=lambda h: h.start)
-    for kind, since, until in windows:
+    for kind, since, until, fault in windows:
         k = figures.setdefault(kind, KindFigures(kind, dict(limits)))
         k.faults += kind != "none"
         for key in limits:
             n = max_believers(holds_by_group.get(key, []), since, until)
             k.max_believers[key] = max(k.max_believers.get(key, 0), n)
-        if kind != "none":
-            after = [h.start for h in all_holds if h.start > since + ANSWER_SLACK]
+        if fault is not None:
+            # From the kill when the fault had one (a lagging failover pauses first).
+            origin = fault.detail.get("killed", since)
+            after = [h.start for h in all_holds if h.start > origin + ANSWER_SLACK]
             if after:
-                k.first_grants.append(after[0] - since)
+                k.first_grants.append(after[0] - origin)
     for hold in all_holds:
         kind_at(hold.start).holds += 1
     for holds in holds_by_group.values():
@@ -559,6 +565,7 @@ def check(
     report.hostnames = dict(hostnames)
     report.holds = sum(len(h) for h in holds_by_group.values())
     report.faults = Counter(f.kind for f in faults)
+    report.injected = list(faults)
     for key, limit in limits.items():
         figures, violations = sweep_group(holds_by_group.get(key, []), limit, faults)
         figures.key = key

@@ -10,7 +10,8 @@ lease:`` hold it a random time, checking the lease every few tens of millisecond
 (``lease.lost``, ``lease.valid_until``) and believing it holds the slot until a check
 fails (or the hold is over). In a ``fenced`` group each check is followed, after a short
 pause, by a write to the fenced resource: a PostgreSQL row that accepts a write only if
-its token is not older than the last accepted one (``FENCED_WRITE``). The holder writes
+its token is newer than the last accepted one, or the same token of the same owner
+(``FENCED_WRITE``). The holder writes
 only while enough of its lease is left for the pause and the write (``Timing.reserve``),
 so without a fault no write is late; it goes on believing, without writing, to the end
 of its lease, so the throttle must not give the slot away before ``valid_until``. The
@@ -54,27 +55,31 @@ from tests.faults.netns import die_with_parent
 #: The slot groups' name (``throttle(name=...)``); the key is the group's own name.
 THROTTLE_NAME = "faults"
 
-#: Accept a write only if its token is not older than the last accepted one (``<=``: a
-#: holder writes several times with its token), and log every attempt in one statement:
-#: the log row's id is drawn while the UPDATE holds the row lock, so accepted writes of
-#: a row are numbered in the order the row saw them.
+#: Accept a write only if its token is newer than the last accepted one, or the same
+#: token of the same owner (a holder writes several times with its token; a token two
+#: owners were granted fences neither off), and log every attempt in one statement: the
+#: log row's id is drawn while the UPDATE holds the row lock, so accepted writes of a
+#: row are numbered in the order the row saw them.
 FENCED_WRITE = """
 WITH accepted AS (
-    UPDATE fenced_resource SET last_token = %(token)s, writes = writes + 1
-    WHERE name = %(name)s AND last_token <= %(token)s
+    UPDATE fenced_resource SET last_token = %(token)s, owner = %(owner)s, writes = writes + 1
+    WHERE name = %(name)s
+      AND (last_token < %(token)s OR (last_token = %(token)s AND owner = %(owner)s))
     RETURNING 1
 )
-INSERT INTO fenced_write_log (name, token, accepted, hostname, pid, seq)
-SELECT %(name)s, %(token)s, EXISTS (SELECT 1 FROM accepted), %(hostname)s, %(pid)s, %(seq)s
+INSERT INTO fenced_write_log (name, token, accepted, hostname, pid, seq, owner)
+SELECT %(name)s, %(token)s, EXISTS (SELECT 1 FROM accepted), %(hostname)s, %(pid)s, %(seq)s, %(owner)s
 RETURNING accepted
 """
 
 #: The resource's tables (created by the campaign in its own database).
 SCHEMA = """
-CREATE TABLE fenced_resource (name text PRIMARY KEY, last_token bigint NOT NULL, writes bigint NOT NULL);
+CREATE TABLE fenced_resource (
+    name text PRIMARY KEY, last_token bigint NOT NULL, owner text NOT NULL, writes bigint NOT NULL
+);
 CREATE TABLE fenced_write_log (
     id bigserial PRIMARY KEY, name text NOT NULL, token bigint NOT NULL, accepted boolean NOT NULL,
-    hostname text NOT NULL, pid integer NOT NULL, seq integer NOT NULL
+    hostname text NOT NULL, pid integer NOT NULL, seq integer NOT NULL, owner text NOT NULL
 );
 """
 
@@ -200,16 +205,17 @@ class Holder:
                 # late: the fenced resource must refuse it if a newer holder has written.
                 time.sleep(step)
                 if act:
-                    self.write(group, fence)
+                    self.write(group, fence, lease.token)
                 step = self.rng.uniform(*self.timing.step)
         finally:
             end = max(start, min(time.monotonic(), lease.valid_until))
             self.records.log("end", t=end, reason=reason, vu=lease.valid_until, group=group.key)
 
-    def write(self, group: GroupSpec, fence: int) -> None:
+    def write(self, group: GroupSpec, fence: int, owner: str) -> None:
         self.seq += 1
         params: dict[str, Any] = {
-            "name": group.key, "token": fence, "hostname": self.hostname, "pid": self.pid, "seq": self.seq,
+            "name": group.key, "token": fence, "owner": owner, "hostname": self.hostname, "pid": self.pid,
+            "seq": self.seq,
         }  # fmt: skip
         sent = time.monotonic()
         with self.connection.cursor() as cursor:
