@@ -7,15 +7,27 @@ django-redis documents Sentinel.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from django.core.cache import caches
+from redis import Redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
+import task_workflow.throttle as throttle_module
+from task_workflow.tasks import throttle
+from task_workflow.throttle import STORE_ERRORS, SlotGroup, get_backend
 from tests.redis_topology import SentinelTopology
+from tests.workers import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH")
 
@@ -91,3 +103,196 @@ def test_leaving_the_topology_kills_every_process_also_after_an_error(tmp_path: 
         fail_inside(topology)
     assert len(pids) == 3
     assert not any(_process_exists(pid) for pid in pids)
+
+
+# --- The throttle on django-redis's documented Sentinel configuration ------------------------
+
+
+@pytest.fixture
+def sentinel_topology(tmp_path: Path) -> Iterator[SentinelTopology]:
+    """A started topology whose service name is the test's own: django-redis keeps one
+    pool per LOCATION per process, so a name used by an earlier test would get that
+    test's pool (and its dead Sentinels)."""
+    topology = SentinelTopology(tmp_path / "topology", service=f"tw{uuid.uuid4().hex[:10]}")
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+def use_lock_cache(settings: Any, cache: dict[str, Any], **throttle_settings: Any) -> None:
+    """Make ``cache`` the throttle's lock cache (alias ``sentinel_locks``) with the given
+    TASK_WORKFLOW settings; the throttle builds its backend anew. A server the topology
+    just started is inside any restart grace: grace 0 unless given."""
+    settings.CACHES = {**settings.CACHES, LOCK_ALIAS: cache}
+    settings.TASK_WORKFLOW = {
+        **getattr(settings, "TASK_WORKFLOW", {}),
+        "CACHE": LOCK_ALIAS,
+        "THROTTLE_RESTART_GRACE": 0,
+        **throttle_settings,
+    }
+    throttle_module._backends.clear()
+
+
+LOCK_ALIAS = "sentinel_locks"
+
+
+@pytest.fixture(autouse=True)
+def fresh_backends() -> Iterator[None]:
+    throttle_module._backends.clear()
+    yield
+    throttle_module._backends.clear()
+
+
+def test_the_throttle_grants_and_releases_on_sentinel_as_django_redis_documents_it(
+    sentinel_topology: SentinelTopology, settings: Any
+) -> None:
+    use_lock_cache(settings, sentinel_topology.django_cache())
+    name = f"tests.sentinel.{uuid.uuid4().hex[:8]}"
+    tokens = []
+    for _ in range(3):
+        with throttle(key="region", name=name, wait=2) as lease:
+            assert get_backend().held_slots()[0].token == lease.token
+            tokens.append(lease.fencing_token)
+    assert tokens == sorted(set(tokens))
+    assert get_backend().held_slots() == []
+    # The slots are on the primary Sentinel names, where the cache writes too.
+    caches[LOCK_ALIAS].set("written-through-the-cache", 1)
+    assert sentinel_topology.primary.client().exists(caches[LOCK_ALIAS].make_key("written-through-the-cache"))
+
+
+LOOP_SCRIPT = """
+import json, os, sys, time
+import django
+django.setup()
+from task_workflow.tasks import ThrottleTimeout, throttle
+from task_workflow.throttle.errors import ThrottleUnavailable
+grants, errors, timeouts, tokens = 0, [], 0, []
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    try:
+        with throttle(key="region", name="tests.sentinel.loop", concurrency=2, wait=1.0) as lease:
+            grants += 1
+            tokens.append(lease.fencing_token)
+    except ThrottleUnavailable as exc:
+        errors.append(str(exc)[-160:])
+    except ThrottleTimeout:
+        timeouts += 1
+print(json.dumps({"grants": grants, "errors": errors, "timeouts": timeouts, "tokens": tokens}))
+"""
+
+
+def run_loops(cache: dict[str, Any], processes: int, seconds: float) -> list[dict[str, Any]]:
+    """Run ``processes`` processes that acquire and release one group (limit 2) in a loop
+    for ``seconds``, with ``cache`` as their lock cache; each one's counts."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.faults.settings",
+        "TWF_LOCK_CACHE": json.dumps(cache),
+        "TWF_TTL": "10",
+        "TWF_GRACE": "0",
+        "PYTHONPATH": str(ROOT),
+    }
+    running = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOOP_SCRIPT, str(seconds)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(processes)
+    ]
+    results = []
+    try:
+        for process in running:
+            out, err = process.communicate(timeout=seconds + 60)
+            assert process.returncode == 0, err.decode()[-2000:]
+            results.append(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        for process in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def test_several_processes_grant_and_release_on_sentinel(sentinel_topology: SentinelTopology) -> None:
+    """The issue's first reproduction (6 processes for 8 s: 0 grants, 33 x "Name or
+    service not known" on an older build): every process gets grants, none an error."""
+    results = run_loops(sentinel_topology.django_cache(), processes=6, seconds=8)
+    print(
+        "grants per process", [r["grants"] for r in results], "errors", sum(len(r["errors"]) for r in results)
+    )
+    assert all(result["errors"] == [] for result in results), results[0]["errors"][:3]
+    assert all(result["grants"] > 0 for result in results)
+
+
+@pytest.fixture
+def slow_failover_topology(tmp_path: Path) -> Iterator[SentinelTopology]:
+    """A topology whose Sentinels call the primary down only after a minute: a paused
+    primary stays the primary for the whole test."""
+    topology = SentinelTopology(
+        tmp_path / "topology", service=f"tw{uuid.uuid4().hex[:10]}", down_after_ms=60_000
+    )
+    try:
+        topology.start()
+        yield topology
+    finally:
+        topology.stop()
+
+
+def test_the_throttles_own_socket_timeout_applies_on_sentinel(
+    slow_failover_topology: SentinelTopology, settings: Any
+) -> None:
+    """A primary that stops answering (SIGSTOP: its connections stay open) costs a throttle
+    call THROTTLE_SOCKET_TIMEOUT per attempt redis-py makes, not the cache's own timeout:
+    the lease renewer must not stall for the cache's 8 s per attempt."""
+    topology = slow_failover_topology
+    use_lock_cache(settings, topology.django_cache(SOCKET_TIMEOUT=8), THROTTLE_SOCKET_TIMEOUT=0.5)
+    backend = get_backend()
+    group = SlotGroup(f"tests.sentinel.{uuid.uuid4().hex[:8]}", "region")
+    metadata = {"task_name": group.task_name, "key": group.key, "concurrency": 1}
+    assert backend.acquire(group, "before", 1, 10.0, metadata).acquired  # connected
+    assert backend.release(group, "before")
+
+    topology.primary.pause()
+    started = time.monotonic()
+    with pytest.raises(STORE_ERRORS):
+        backend.acquire(group, "paused", 1, 10.0, metadata)
+    elapsed = time.monotonic() - started
+    print(f"a call to a paused primary gave up after {elapsed:.2f} s")
+    assert elapsed < 4.0
+
+
+def test_a_sentinel_pool_is_rebuilt_with_the_throttles_timeouts() -> None:
+    """The throttle's own pool of a Sentinel-managed primary: the cache pool's class,
+    service, role, connection class and arguments, with the throttle's socket timeouts
+    towards the primary and towards Sentinel (a shorter configured one is kept)."""
+    manager = Sentinel([("127.0.0.1", 1), ("127.0.0.1", 2)], sentinel_kwargs={"password": "s3"})
+    cache_pool = SentinelConnectionPool(
+        "svc", manager, is_master=True, check_connection=True, db=3, password="pw", socket_connect_timeout=0.2
+    )
+    own_client = throttle_module.throttle_client(Redis(connection_pool=cache_pool), 1.5)
+    own = own_client.connection_pool
+    assert isinstance(own, SentinelConnectionPool)
+    assert own is not cache_pool
+    assert (own.service_name, own.is_master, own.check_connection) == ("svc", True, True)
+    assert own.connection_class is cache_pool.connection_class
+    assert own.connection_kwargs["connection_pool"] is own.proxy  # its own, not the cache's
+    for name in ("db", "password"):
+        assert own.connection_kwargs[name] == cache_pool.connection_kwargs[name]
+    assert (own.connection_kwargs["socket_timeout"], own.connection_kwargs["socket_connect_timeout"]) == (
+        1.5,
+        0.2,
+    )
+    sentinels = own.sentinel_manager.sentinels
+    assert [client.connection_pool.connection_kwargs["port"] for client in sentinels] == [1, 2]
+    for client in sentinels:
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["password"], kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (
+            "s3",
+            1.5,
+            1.5,
+        )

@@ -2,8 +2,10 @@
 
 One backend per (process, cache alias), built on first use: a django-redis cache or
 Django's own Redis cache gets :class:`RedisThrottleBackend` (Lua scripts), on a client of
-the cache's server with a connection pool and socket timeout of its own; a database cache
-the row-locked backend; any other cache the generic ``cache.add`` backend.
+the cache's server with a connection pool and socket timeout of its own (on Sentinel: a
+pool of the Sentinel-managed primary, with the primary watch of
+:mod:`~task_workflow.throttle.sentinel`); a database cache the row-locked backend; any
+other cache the generic ``cache.add`` backend.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from django.core.cache import caches
 from django.core.cache.backends.redis import RedisCache as BuiltinRedisCache
 from django_redis.cache import RedisCache as DjangoRedisCache
 from redis import BlockingConnectionPool, ConnectionPool, Redis
+from redis.sentinel import SentinelConnectionPool
 
 from ..conf import get_setting
 from .base import ThrottleBackend
 from .cache_backend import CacheThrottleBackend
 from .database_backend import DatabaseCacheThrottleBackend
 from .redis_backend import RedisThrottleBackend
+from .sentinel import PrimaryWatch, bounded_timeouts, throttle_sentinel_pool
 
 #: Backends by (pid, alias): a forked child builds its own (its pools are its own anyway).
 _backends: dict[tuple[int, str], ThrottleBackend] = {}
@@ -58,10 +62,16 @@ def _build_backend(alias: str) -> ThrottleBackend:
 
 def _redis_backend(client: Redis, key_prefix: str) -> RedisThrottleBackend:
     grace = get_setting("THROTTLE_RESTART_GRACE")
+    own_client = throttle_client(client, float(get_setting("THROTTLE_SOCKET_TIMEOUT")))
+    pool = own_client.connection_pool
+    watch = PrimaryWatch(pool) if isinstance(pool, SentinelConnectionPool) and pool.is_master else None
     return RedisThrottleBackend(
-        throttle_client(client, float(get_setting("THROTTLE_SOCKET_TIMEOUT"))),
+        own_client,
         key_prefix,
         restart_grace=float(get_setting("LOCK_TTL") if grace is None else grace),
+        replicas=int(get_setting("THROTTLE_REPLICAS")),
+        replicas_timeout=float(get_setting("THROTTLE_REPLICAS_TIMEOUT")),
+        primary_check=watch,
     )
 
 
@@ -78,17 +88,20 @@ def throttle_client(client: Redis, timeout: float) -> Redis:
     pool is thread-safe and resets itself in a forked child (it compares the pid on every
     checkout), so the client is shared by the whole process.
 
-    A pool of another kind (e.g. Sentinel's, which finds the master itself) is used as it
-    is, with the cache's timeouts.
+    A Sentinel pool (django-redis's ``SentinelConnectionFactory``) gets the same: a pool
+    of its class for the same service and role, whose connections ask Sentinel for the
+    primary when they connect, and whose questions to Sentinel also give up after
+    ``timeout`` (:func:`~task_workflow.throttle.sentinel.throttle_sentinel_pool`). A pool
+    of any other kind is used as it is, with the cache's timeouts.
     """
     pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        return Redis(connection_pool=throttle_sentinel_pool(pool, timeout))
     if type(pool) not in (ConnectionPool, BlockingConnectionPool):
         return client
-    kwargs = dict(pool.connection_kwargs)
-    for name in ("socket_timeout", "socket_connect_timeout"):
-        configured = kwargs.get(name)
-        kwargs[name] = timeout if configured is None else min(float(configured), timeout)
     own_pool = type(pool)(
-        connection_class=pool.connection_class, max_connections=pool.max_connections, **kwargs
+        connection_class=pool.connection_class,
+        max_connections=pool.max_connections,
+        **bounded_timeouts(pool.connection_kwargs, timeout),
     )
     return Redis(connection_pool=own_pool)

@@ -1,0 +1,139 @@
+"""The throttle on Redis Sentinel: its own pool of the Sentinel-managed primary, and the
+primary watch.
+
+django-redis's documented Sentinel configuration (``CLIENT_CLASS``
+``django_redis.client.SentinelClient``, ``CONNECTION_FACTORY``
+``django_redis.pool.SentinelConnectionFactory``) gives the cache a redis-py
+:class:`~redis.sentinel.SentinelConnectionPool`. Its connections
+(:class:`~redis.sentinel.SentinelManagedConnection`) ask Sentinel for the primary's
+address whenever they connect, and drop themselves on ``READONLY`` (a primary demoted to
+a replica) and on the ``UNBLOCKED`` error a demoted primary gives a blocked ``BLPOP``; so
+after a connection error the next call goes to whatever primary Sentinel names then.
+
+What that leaves out is an orderly failover (``SENTINEL FAILOVER``, or a managed
+service's switch): the old primary keeps answering as a primary for seconds after
+Sentinel promoted a replica (Sentinel demotes it only then), and connections that are
+already open keep writing to it; writes the new primary never sees. The
+:class:`PrimaryWatch` closes that window: before a throttle call it asks Sentinel for
+the primary's address, at most once per ``interval`` (a second) per process, through the
+pool's own :meth:`~redis.sentinel.SentinelConnectionPool.get_master_address`, which,
+when the address changed, disconnects the pool's idle connections (they reconnect to
+the new primary) and makes connections in use at that moment be dropped when they are
+given back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+logger = logging.getLogger(__name__)
+
+SOCKET_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
+
+
+def bounded_timeouts(kwargs: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """``kwargs`` (a connection's keyword arguments) with both socket timeouts at most
+    ``timeout`` seconds: a configured shorter one is kept, none becomes ``timeout``."""
+    bounded = dict(kwargs)
+    for name in SOCKET_TIMEOUTS:
+        configured = bounded.get(name)
+        bounded[name] = timeout if configured is None else min(float(configured), timeout)
+    return bounded
+
+
+def throttle_sentinel_manager(manager: Sentinel, timeout: float) -> Sentinel:
+    """A :class:`~redis.sentinel.Sentinel` that asks the same Sentinels as ``manager``,
+    with its ``sentinel_kwargs`` (password, TLS, ``retry``) and ``min_other_sentinels``,
+    but whose every question gives up after ``timeout`` seconds.
+
+    Without it a Sentinel that stops answering would hold a throttle call (and the lease
+    renewer) for the cache's own socket timeout, none by default, since connecting to the
+    primary starts with a question to Sentinel.
+    """
+    addresses = [
+        (client.connection_pool.connection_kwargs["host"], client.connection_pool.connection_kwargs["port"])
+        for client in manager.sentinels
+    ]
+    return Sentinel(
+        addresses,
+        min_other_sentinels=manager.min_other_sentinels,
+        sentinel_kwargs=bounded_timeouts(dict(manager.sentinel_kwargs), timeout),
+        **manager.connection_kwargs,
+    )
+
+
+def throttle_sentinel_pool(pool: SentinelConnectionPool, timeout: float) -> SentinelConnectionPool:
+    """A pool of the same class as ``pool`` for the same service and role, built from the
+    arguments it was constructed with (``service_name``, ``is_master``,
+    ``check_connection``, ``connection_class``, ``max_connections`` and
+    ``connection_kwargs``, less the ``connection_pool`` entry it adds itself), with socket
+    timeouts of at most ``timeout`` seconds, towards the primary and towards Sentinel."""
+    kwargs = {name: value for name, value in pool.connection_kwargs.items() if name != "connection_pool"}
+    manager = pool.sentinel_manager
+    if isinstance(manager, Sentinel):
+        manager = throttle_sentinel_manager(manager, timeout)
+    return type(pool)(
+        pool.service_name,
+        manager,
+        is_master=pool.is_master,
+        check_connection=pool.check_connection,
+        connection_class=pool.connection_class,
+        max_connections=pool.max_connections,
+        **bounded_timeouts(kwargs, timeout),
+    )
+
+
+class PrimaryWatch:
+    """Called before each throttle call on a Sentinel-managed primary: at most once per
+    ``interval`` seconds per process it asks Sentinel where the primary is (the pool's
+    ``get_master_address()``: when the address changed, the pool disconnects its idle
+    connections, and drops those in use when they are given back).
+
+    Only one thread asks at a time; the others go on at once. A Sentinel that cannot be
+    reached is not a throttle failure by itself (the primary may be fine): it is logged,
+    and the call goes on to the primary the pool knows.
+    """
+
+    def __init__(self, pool: SentinelConnectionPool, interval: float = 1.0) -> None:
+        self.pool = pool
+        self.interval = interval
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._failing = False
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        if self._pid != os.getpid():
+            # A forked child: the lock may have been held by a thread that is not here.
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        if not self._lock.acquire(blocking=False):
+            return  # another thread is asking right now
+        try:
+            self._next_check = now + self.interval
+            self.pool.get_master_address()
+        except (RedisError, OSError) as exc:
+            if not self._failing:
+                logger.warning(
+                    "Throttle: could not ask Sentinel for the primary of %r (%s); "
+                    "using the primary known so far",
+                    self.pool.service_name,
+                    exc,
+                )
+            self._failing = True
+        else:
+            if self._failing:
+                logger.info("Throttle: Sentinel answers again for %r", self.pool.service_name)
+            self._failing = False
+        finally:
+            self._lock.release()
