@@ -54,6 +54,9 @@ class Lease:
     #: ``time.monotonic()`` until which the holder may believe it holds the slot.
     valid_until: float = field(default=math.inf, repr=False)
     _lost: bool = field(default=False, repr=False)
+    #: ``time.monotonic()`` until which a failed release is sent again (see
+    #: :meth:`LeaseRenewer.retry_release`).
+    release_retry_until: float = field(default=0.0, repr=False)
 
     @property
     def lost(self) -> bool:
@@ -83,12 +86,19 @@ class Lease:
     def _release_in_store(self) -> bool:
         try:
             return self.backend.release(self.group, self.token, self.slot)
-        except Exception:
+        except Exception as exc:
             # The guarded work is done; failing the task now would lose its result. The
-            # slot is no longer renewed, so it frees itself within one TTL.
-            logger.exception(
-                "Could not release throttle slot of %s; it expires within %ss", self.group, self.ttl
+            # holder still knows its token: the lease renewer sends the release again
+            # until the store takes it (a failover, a restart), so waiters get the slot
+            # then instead of a whole lease later.
+            logger.warning(
+                "Could not release throttle slot of %s (%s); retrying in the background "
+                "(it expires within %ss anyway)",
+                self.group,
+                exc,
+                self.ttl,
             )
+            lease_renewer.retry_release(self)
             return False
 
 
@@ -119,6 +129,13 @@ class LeaseRenewer:
 
     #: Seconds between the watchdog's looks at the renewer thread.
     WATCHDOG_PERIOD = 1.0
+
+    #: Seconds after a failed release before it is sent again, and between later tries.
+    RELEASE_RETRY_FIRST = 0.1
+    RELEASE_RETRY_PERIOD = 0.5
+    #: Seconds past the holder's view of its lease that a release is still retried (one
+    #: call's socket timeout, by default 5 s: the store may have counted from that late).
+    RELEASE_RETRY_SLACK = 5.0
 
     def __init__(self) -> None:
         self._due: dict[Lease, float] = {}
@@ -157,7 +174,37 @@ class LeaseRenewer:
     def held(self) -> list[Lease]:
         """Leases this process holds now (for diagnostics and tests)."""
         with self._condition:
-            return list(self._due)
+            return [lease for lease in self._due if not lease.released]
+
+    def pending_releases(self) -> list[Lease]:
+        """Released leases whose release the store has not taken yet (retried)."""
+        with self._condition:
+            return [lease for lease in self._due if lease.released]
+
+    def retry_release(self, lease: Lease) -> None:
+        """Send ``lease``'s release again, soon and then every ``RELEASE_RETRY_PERIOD``,
+        until the store takes it or the lease would have lapsed in the store anyway.
+
+        For a release that failed (the store unreachable, a failover under way, a release
+        its replicas did not acknowledge): the slot is freed, and handed to a waiter,
+        within one period of the store's return instead of a whole lease later.
+        """
+        now = time.monotonic()
+        # The store counted the lease from a moment before the holder's view of it ended,
+        # plus the margin and one call's timeout at most; a release after that is harmless.
+        if math.isfinite(lease.valid_until):
+            lease.release_retry_until = (
+                lease.valid_until + lease.ttl * LEASE_MARGIN_FRACTION + self.RELEASE_RETRY_SLACK
+            )
+        else:
+            lease.release_retry_until = now + lease.ttl + self.RELEASE_RETRY_SLACK
+        with self._condition:
+            self._ensure_thread()
+            due = now + self.RELEASE_RETRY_FIRST
+            self._due[lease] = due
+            if due < self._wake_at:
+                self._wake_at = due
+                self._condition.notify()
 
     def check(self) -> None:
         """Replace a renewer thread that died or hangs (the watchdog; also run by add)."""
@@ -241,6 +288,9 @@ class LeaseRenewer:
         return True
 
     def _renew(self, lease: Lease) -> None:
+        if lease.released:
+            self._release_again(lease)
+            return
         if lease.lost:  # its own view ran out: the slot may be someone else's by now
             self._give_up(lease)
             return
@@ -251,20 +301,38 @@ class LeaseRenewer:
         try:
             renewed = lease.backend.renew(lease.group, lease.token, lease.slot, lease.ttl)
         except Exception:
+            if lease.released:  # released meanwhile: the release's own retry takes over
+                return
             if not lease.lost:
                 # The store is unreachable: try again soon; the lease may still be saved.
                 logger.warning("Could not renew throttle lease of %s; retrying", lease.group, exc_info=True)
                 self._reschedule(lease, min(lease.ttl / 10, max(lease.valid_until - time.monotonic(), 0) / 2))
                 return
             renewed = False
+        if lease.released:  # released while this renewal was on its way
+            return
         if renewed and not lease.lost:
             lease.valid_until = lease_view(sent_at, lease.ttl)
             self._reschedule(lease, lease.ttl * self.RENEW_FRACTION)
             return
-        if lease.released:  # released while this renewal was on its way
-            return
         lease.mark_lost()
         self._give_up(lease)
+
+    def _release_again(self, lease: Lease) -> None:
+        if time.monotonic() > lease.release_retry_until:
+            self.discard(lease)
+            logger.warning(
+                "Throttle slot of %s: release still failing; the store frees it itself", lease.group
+            )
+            return
+        try:
+            lease.backend.release(lease.group, lease.token, lease.slot)
+        except Exception as exc:
+            logger.debug("Throttle slot of %s: release failed again (%s)", lease.group, exc)
+            self._reschedule(lease, self.RELEASE_RETRY_PERIOD)
+            return
+        self.discard(lease)
+        logger.info("Throttle slot of %s released after the store came back", lease.group)
 
     def _give_up(self, lease: Lease) -> None:
         self.discard(lease)

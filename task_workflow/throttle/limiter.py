@@ -198,9 +198,15 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
                 task, f"throttle {group}: slot store unreachable", ThrottleUnavailable
             ) from exc
         if not result.acquired:
+            why = f"all {self.concurrency} slots busy"
+            if result.reason == "restart grace":
+                why = (
+                    "the lock cache's Redis started less than THROTTLE_RESTART_GRACE ago and "
+                    "grants nothing until leases it may have forgotten have ended (restart grace)"
+                )
             if task is None:
-                raise ThrottleTimeout(f"throttle {group}: no free slot of {self.concurrency} within {wait}s")
-            raise self._requeue(task, f"throttle {group}: all {self.concurrency} slots busy", ThrottleTimeout)
+                raise ThrottleTimeout(f"throttle {group}: no slot within {wait}s: {why}")
+            raise self._requeue(task, f"throttle {group}: {why}", ThrottleTimeout)
         lease = Lease(
             backend=backend,
             group=group,
@@ -248,14 +254,28 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
         try:
             return self._attempt_until(backend, group, token, ttl, deadline, metadata)
         except BaseException:
-            # Interrupted while in line (time limit, connection error): leave the line, and
-            # give back a slot a release may have handed us meanwhile.
-            try:
-                if backend.cancel_wait(group, token) is not None:
-                    backend.release(group, token)
-            except Exception:
-                logger.warning("Throttle %s: could not withdraw an interrupted waiter", group, exc_info=True)
+            # Interrupted (time limit, connection error, a grant its replicas did not
+            # acknowledge): leave the line, and give back a slot we may hold (granted, or
+            # handed to us meanwhile); a give-back the store did not take is sent again
+            # by the lease renewer, so the slot is not blocked for a whole lease.
+            self._give_back(backend, group, token, ttl)
             raise
+
+    @staticmethod
+    def _give_back(backend: ThrottleBackend, group: SlotGroup, token: str, ttl: float) -> None:
+        try:
+            backend.cancel_wait(group, token)
+        except Exception:
+            logger.debug("Throttle %s: could not withdraw an interrupted waiter", group, exc_info=True)
+        # Released unconditionally: the acquire that failed may have been granted. No
+        # slot_released signal: no slot_acquired was sent for it.
+        try:
+            backend.release(group, token)
+        except Exception as exc:
+            logger.warning("Throttle %s: could not give back an interrupted grant (%s); retrying", group, exc)
+            lease_renewer.retry_release(
+                Lease(backend=backend, group=group, token=token, slot="", ttl=ttl, released=True)
+            )
 
     def _attempt_until(
         self,
@@ -299,7 +319,7 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
                 # alone); else the claim may have lapsed while this process was
                 # descheduled: extend it here first.
                 claim = min(ttl, backend.handoff_claim)
-                if time.monotonic() - sent_at < claim / 2:
+                if not backend.confirms_handoffs and time.monotonic() - sent_at < claim / 2:
                     return handed, lease_view(sent_at, claim)
                 renewed_at = time.monotonic()
                 if backend.renew(group, token, handed.slot, ttl):

@@ -6,10 +6,12 @@
 --   6 concurrency  the group's limit
 --   7 ttl_ms       the lease asked for
 --   8 metadata     JSON, stored with the lease (and with the waiter, for a handoff)
--- Reply: an integer. A grant's fencing token (> 0); or a refusal, -1 - the milliseconds
--- until the earliest lease runs out (or the restart grace ends); the caller then stands in
--- line, registered with its lease length and metadata so that a release can hand it the
--- slot directly.
+-- Reply: a grant's fencing token (an integer > 0); or a refusal: -1 - the milliseconds
+-- until the earliest lease runs out, or, inside the restart grace, the array
+-- {-1 - the milliseconds until the grace ends, "grace"}; the caller then stands in line,
+-- registered with its lease length and metadata so that a release can hand it the slot
+-- directly. An error (NOPERM ...) when the grace needs INFO and the user may not run it:
+-- then the caller is not registered and no number is taken.
 --
 -- Invariants kept here:
 -- - ZCARD holders <= concurrency: a new holder is added only below the limit, after
@@ -19,7 +21,9 @@
 -- - a grant (any path) takes the caller out of the line;
 -- - a holder's deadline is written only by its own acquire (ZADD XX for a handed slot);
 -- - the acquire that finds a handed slot confirms the handoff: its announcement goes;
--- - whoever sets a deadline extends the group's keys past it.
+-- - whoever sets a deadline extends the group's keys past it;
+-- - fencing tokens strictly increase per group and start above every earlier one after a
+--   restart or a failover (the prelude's next_number).
 
 local token = ARGV[5]
 local limit = tonumber(ARGV[6])
@@ -55,6 +59,9 @@ end
 local fence = false
 if count + ahead < limit then
   fence = next_number()
+  if info_refused then
+    return info_refused_reply()  -- nothing written but the sweep of expired entries
+  end
 end
 if fence then
   redis.call('ZADD', KEYS[1], now + ttl, token)
@@ -67,15 +74,24 @@ if fence then
 end
 -- Refused: join the line at the back on the first refusal; stay in place after that.
 if not place then
-  redis.call('ZADD', KEYS[3], int(next_number() or (now * 1000)), token)
+  local number = next_number()
+  if info_refused then
+    return info_refused_reply()
+  end
+  redis.call('ZADD', KEYS[3], int(number or (now * 1000)), token)
 end
 redis.call('ZADD', KEYS[4], now + WAITER_MS, token)
 redis.call('HSET', KEYS[5], token, ARGV[7] .. ' ' .. metadata)
 for i = 3, 5 do
   redis.call('PEXPIRE', KEYS[i], 2 * WAITER_MS)
 end
+-- A waiter behind others took no number: if nobody holds a slot, say whether the grace is
+-- what keeps the line waiting (the waiters ahead are refused for it too).
+if grace_left == 0 and count == 0 and GRACE_MS > 0 and redis.call('EXISTS', KEYS[6]) == 0 then
+  within_restart_grace()
+end
 if grace_left > 0 then
-  return -1 - grace_left
+  return {-1 - grace_left, 'grace'}
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #first == 0 then

@@ -8,7 +8,7 @@
 --   3 line         sorted set: waiting token -> place in line (order of first arrival)
 --   4 alive        sorted set: waiting token -> until when it counts as waiting (ms)
 --   5 waiter_meta  hash: waiting token -> "<lease ms> <metadata JSON>"
---   6 seq          string: the group's counter (fencing tokens, places in line)
+--   6 seq          string: the group's last number (fencing tokens, places in line)
 --   7 handed       hash: token -> fencing token of a handoff not yet confirmed by its waiter
 --   8 wake         list: "<waiter token> <fencing token>" of each handoff not yet taken;
 --                  every waiter of the group BLPOPs it (with its own list): the waiter it
@@ -21,7 +21,8 @@
 -- ARGV 1-4 (every script), the protocol's constants, in milliseconds; the script's own
 -- arguments follow from ARGV[5]:
 --   1 grace_ms   a server up for less than this grants nothing in a group whose counter is
---                gone (it may have forgotten leases: they must end first)
+--                gone (it may have forgotten leases: they must end first); 0: no grace,
+--                and no script runs INFO
 --   2 seq_ms     how long a group's counter outlives its last use
 --   3 waiter_ms  how long a refused caller counts as waiting after an attempt
 --   4 claim_ms   the longest claim a handoff gives a waiter before it must renew
@@ -48,26 +49,51 @@ local function extend(ttl)
   end
 end
 
--- The group's next number (fencing tokens, places in line): counts up from the server's
--- clock in microseconds, so a counter that expired or died with the server restarts above
--- every number it gave out (fewer than one per microsecond). Returns nil while a restarted
--- server is within its restart grace, and sets grace_left (ms).
+-- The restart grace. A server that lost its data (a restart without persistence, a
+-- FLUSHDB) has forgotten leases that their holders still believe in: while it has been up
+-- for less than GRACE_MS it grants nothing in a group whose counter is gone. Its uptime
+-- comes from INFO, read with pcall: a Redis user that may not run INFO (an ACL profile
+-- such as +@all -@dangerous) gets no grant and no write, and an error that says so.
 local grace_left = 0
-local function next_number()
-  local n = redis.call('INCR', KEYS[6])
-  if n == 1 then
-    -- Whole seconds between the start's and now's whole seconds: up to 1 s more than
-    -- has really passed, so count one second less.
-    local uptime = tonumber(string.match(redis.call('INFO', 'server'), 'uptime_in_seconds:(%d+)')) - 1
-    if uptime * 1000 < GRACE_MS then
-      grace_left = GRACE_MS - uptime * 1000
-      redis.call('DEL', KEYS[6])
-      return nil
-    end
-    n = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    redis.call('SET', KEYS[6], int(n))
+local info_refused = false
+local function within_restart_grace()
+  local info = redis.pcall('INFO', 'server')
+  if type(info) == 'table' and info.err then
+    info_refused = info.err
+    return true
   end
-  redis.call('PEXPIRE', KEYS[6], SEQ_MS)
+  -- Whole seconds between the start's and now's whole seconds: up to 1 s more than has
+  -- really passed, so count one second less.
+  local uptime = tonumber(string.match(info, 'uptime_in_seconds:(%d+)')) - 1
+  if uptime * 1000 < GRACE_MS then
+    grace_left = GRACE_MS - uptime * 1000
+    return true
+  end
+  return false
+end
+
+-- The reply of a script that needed INFO and was refused it (see above).
+local function info_refused_reply()
+  return redis.error_reply('NOPERM task_workflow throttle: this Redis user may not run INFO (' ..
+    tostring(info_refused) .. '); the restart grace needs it: grant +info, or set ' ..
+    'TASK_WORKFLOW["THROTTLE_RESTART_GRACE"] to 0 with a Redis that keeps its data')
+end
+
+-- The group's next number (fencing tokens, places in line): one above the group's last,
+-- and never below the server's clock in microseconds. So numbers strictly increase on one
+-- server, and a server that takes over (restarted empty, or a replica promoted with a
+-- counter that missed the latest numbers) starts above every number granted before the
+-- switch (the clock has moved on; fewer than one number per microsecond is ever taken,
+-- each in a script of its own). Returns nil, writing nothing, when the counter is gone and
+-- the server is within its restart grace (sets grace_left) or would not tell its uptime
+-- (sets info_refused).
+local function next_number()
+  local last = redis.call('GET', KEYS[6])
+  if not last and GRACE_MS > 0 and within_restart_grace() then
+    return nil
+  end
+  local n = math.max(tonumber(last or 0) + 1, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[6], int(n), 'PX', SEQ_MS)
   return n
 end
 

@@ -49,7 +49,9 @@ while true do
   if entry and not redis.call('ZSCORE', KEYS[1], waiter) then
     local fence = next_number()
     if not fence then
-      return released  -- a restarted server within its grace: the waiter takes it when it may
+      -- A restarted server within its grace (or a user that may not read its uptime): the
+      -- slot is free; the waiter takes it when it may.
+      return released
     end
     leave_line(waiter)
     local space = string.find(entry, ' ', 1, true)
