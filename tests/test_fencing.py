@@ -539,3 +539,74 @@ def test_a_holder_paused_past_its_lease_cannot_write_after_the_next_holder(
     finally:
         successor.release()
         paused.release()
+
+
+# --- MariaDB / MySQL ------------------------------------------------------------------------
+
+MARIADB = {
+    "ENGINE": "django.db.backends.mysql",
+    "USER": "root",
+    "PASSWORD": "",
+    "HOST": "127.0.0.1",
+    "PORT": "3306",
+}
+
+
+@pytest.fixture
+def mariadb_alias(django_db_blocker: Any) -> Iterator[str]:
+    """The local MariaDB as the connection alias ``mariadb_fencing``, on a database of its
+    own holding the ``FencedResource`` table; dropped afterwards."""
+    try:
+        import MySQLdb
+    except ImportError:
+        pymysql = pytest.importorskip("pymysql", reason="needs mysqlclient or PyMySQL (the dev extra)")
+        pymysql.install_as_MySQLdb()
+    import MySQLdb
+
+    name = f"tw_fencing_{uuid.uuid4().hex[:12]}"
+    admin = MySQLdb.connect(
+        host=MARIADB["HOST"], port=int(MARIADB["PORT"]), user=MARIADB["USER"], password=""
+    )
+    alias = "mariadb_fencing"
+    original = connections.settings
+    try:
+        admin.cursor().execute(f"CREATE DATABASE {name}")
+        connections.settings = connections.configure_settings({**original, alias: {**MARIADB, "NAME": name}})
+        with django_db_blocker.unblock():
+            with connections[alias].schema_editor() as editor:
+                editor.create_model(FencedResource)
+            try:
+                yield alias
+            finally:
+                connections[alias].close()
+    finally:
+        if alias in connections.settings:
+            del connections[alias]
+        connections.settings = original
+        admin.cursor().execute(f"DROP DATABASE IF EXISTS {name}")
+        admin.close()
+
+
+@pytest.mark.services
+def test_the_rule_holds_on_mariadb(mariadb_alias: str) -> None:
+    """MySQL and MariaDB evaluate the UPDATE's WHERE on the locked row too; a repeated
+    write of the same values by the holder counts as written (Django asks the server for
+    matched rows, not changed rows)."""
+    rows = FencedResource.objects.db_manager(mariadb_alias)
+    row = rows.create(name="mariadb")
+    first, same_token, older, newer = (
+        make_lease(TOKEN + 1),
+        make_lease(TOKEN + 1),
+        make_lease(TOKEN),
+        make_lease(TOKEN + 2),
+    )
+    assert rows.filter(pk=row.pk).try_fenced_update(first, payload="first") == 1
+    assert rows.filter(pk=row.pk).try_fenced_update(first, payload="first") == 1  # same values again
+    with pytest.raises(FencedWriteRefused) as refused:
+        row.fenced_update(same_token, payload="same token")
+    assert refused.value.reason == "same token, other owner"
+    assert row.try_fenced_update(older, payload="older") == 0
+    row.fenced_update(newer, payload="newer", writes=F("writes") + 1)
+    assert row.writes == 1
+    fresh = rows.get(pk=row.pk)
+    assert (fresh.fencing_token, fresh.fencing_owner, fresh.payload) == (TOKEN + 2, newer.token, "newer")
