@@ -28,17 +28,17 @@ The same rule in SQL, for a resource outside Django::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 from django.db import models
 from django.db.models.base import ModelBase
 
 from .exceptions import TaskWorkflowError
 
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from .throttle.lease import Lease
+# Imported at run time (not for type checking only): the documentation resolves the
+# signatures' names.
+from .throttle.lease import Lease
 
 __all__ = [
     "FENCE_FIELDS",
