@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.faults.checker import Fault, HolderLog, LoggedWrite, Report, check, parse_records
-from tests.faults.holder import SCHEMA, GroupSpec, Timing
+from tests.faults.holder import GroupSpec, Timing
 from tests.faults.netns import (
     PARENT_ENV,
     SERVICES_DB_ADDRESS,
@@ -68,6 +68,7 @@ from tests.faults.netns import (
     run_namespaces,
 )
 from tests.faults.proxy import ProxyControl, ProxyProcess, RouteSpec
+from tests.faults.resource import LOG_COLUMNS
 from tests.workers import ARTIFACTS_DIR as ARTIFACTS
 from tests.workers import ROOT
 
@@ -248,20 +249,30 @@ class Database:
             autocommit=autocommit, connect_timeout=5,
         )  # fmt: skip
 
-    def create(self, fenced: list[str]) -> None:
+    def create(self, fenced: list[str], python_path: str) -> None:
+        """Create the database, and in it the fenced resource's table (``resource.py``,
+        run by Django with ``python_path``: the code the holders run) with a row per name
+        in ``fenced``, and the write log."""
         from psycopg import sql
 
         with self.connect("postgres") as admin:
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        with self.connect(self.name) as conn:
-            conn.execute(SCHEMA)
-            for name in fenced:
-                conn.execute("INSERT INTO fenced_resource VALUES (%s, 0, '', 0)", (name,))
+        env = {
+            **os.environ,
+            "PYTHONPATH": python_path,
+            "DJANGO_SETTINGS_MODULE": "tests.faults.settings",
+            "DATABASE_URL": f"postgres://{POSTGRES_USER}@{POSTGRES_HOST}:{POSTGRES_PORT}/{self.name}",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.faults.resource", *fenced],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise CampaignError(f"creating the fenced resource failed:\n{done.stdout}{done.stderr}")
 
     def write_log(self) -> list[LoggedWrite]:
         with self.connect(self.name) as conn:
-            columns = "id, name, token, accepted, hostname, pid, seq, owner"
-            rows = conn.execute(f"SELECT {columns} FROM fenced_write_log ORDER BY id").fetchall()
+            rows = conn.execute(f"SELECT {LOG_COLUMNS} FROM fenced_write_log ORDER BY id").fetchall()
         return [LoggedWrite(*row) for row in rows]
 
     def drop(self) -> None:
@@ -399,7 +410,7 @@ class Campaign:
         self.dir.mkdir(parents=True)
         (self.dir / "records").mkdir()
         self.topology.create()
-        self.database.create([g.key for g in self.config.groups if g.fenced])
+        self.database.create([g.key for g in self.config.groups if g.fenced], self.python_path)
         self._database_created = True
         self.start_services()
         pending = [
@@ -483,12 +494,17 @@ class Campaign:
         self.holders.append(holder)
         return holder
 
+    @property
+    def python_path(self) -> str:
+        """The holders' ``PYTHONPATH``: ``config.code_path`` first, then this checkout."""
+        code = [str(self.config.code_path)] if self.config.code_path else []
+        return os.pathsep.join([*code, str(ROOT)])
+
     def holder_env(self, host: Host) -> dict[str, str]:
         """The environment of a holder process on ``host``: the run's database and store."""
-        code = [str(self.config.code_path)] if self.config.code_path else []
         return {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([*code, str(ROOT)]),
+            "PYTHONPATH": self.python_path,
             "DJANGO_SETTINGS_MODULE": "tests.faults.settings",
             "DATABASE_URL": f"postgres://postgres@{SERVICES_DB_ADDRESS}:5432/{self.database.name}",
             "THROTTLE_REDIS_URL": f"redis://{SERVICES_REDIS_ADDRESS}:{REDIS_ROUTE_PORT + host.index}/0",

@@ -107,6 +107,8 @@ class LoggedWrite:
     seq: int
     #: The writer's lease owner token ("" in logs without it).
     owner: str = ""
+    #: Why the fenced write was refused ("" when accepted): ``FencedWriteRefused.reason``.
+    refused: str = ""
 
 
 @dataclass

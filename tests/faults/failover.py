@@ -63,16 +63,20 @@ class FailoverConfig(CampaignConfig):
 
     The lease (``ttl``) is longer than a failover (about 2-3 s from a kill to the new
     primary's first grant), so that a holder granted a slot just before a kill still
-    believes when the new primary could grant it again: what mode 0 does not promise."""
+    believes when the new primary could grant it again: what mode 0 does not promise.
+    The holders' faults last longer than a lease: the short run has only ``sigkill`` of
+    them, the long one ``HOLDER_KINDS``."""
 
     #: ``THROTTLE_REPLICAS``: replicas that must acknowledge a grant (the mode).
     replicas: int = 0
     #: ``THROTTLE_REPLICAS_TIMEOUT``, seconds.
     replicas_timeout: float = 0.3
-    ttl: float = 4.0
-    kinds: tuple[str, ...] = (*FAILOVER_KINDS, "sigkill", "sigstop")
-    #: Sentinel's ``down-after-milliseconds`` and ``failover-timeout``.
-    down_after_ms: int = 1000
+    ttl: float = 5.0
+    kinds: tuple[str, ...] = (*FAILOVER_KINDS, "sigkill")
+    #: Sentinel's ``down-after-milliseconds`` and ``failover-timeout``. At 1 s, on a
+    #: loaded 2-core machine, Sentinel took a primary it had promoted a second earlier for
+    #: down and failed over again unasked.
+    down_after_ms: int = 1500
     failover_timeout_ms: int = 3000
     #: Seconds the lagging failover waits, replicas paused, for a grant of the primary.
     lagging_grant_wait: float = 2.0

@@ -9,10 +9,10 @@ It loops: pick a group, ``with throttle(key=group, concurrency=N, name="faults",
 lease:`` hold it a random time, checking the lease every few tens of milliseconds
 (``lease.lost``, ``lease.valid_until``) and believing it holds the slot until a check
 fails (or the hold is over). In a ``fenced`` group each check is followed, after a short
-pause, by a write to the fenced resource: a PostgreSQL row that accepts a write only if
-its token is newer than the last accepted one, or the same token of the same owner
-(``FENCED_WRITE``). The holder writes
-only while enough of its lease is left for the pause and the write (``Timing.reserve``),
+pause, by a write to the fenced resource: a PostgreSQL row written with the public
+``fenced_update(lease, ...)`` (``resource.py``), which accepts a write only if its token
+is newer than the last accepted one, or the same token of the same owner. The holder
+writes only while enough of its lease is left for the pause and the write (``Timing.reserve``),
 so without a fault no write is late; it goes on believing, without writing, to the end
 of its lease, so the throttle must not give the slot away before ``valid_until``. The
 first write follows the acquire at once: a new holder fences off its predecessors before
@@ -31,7 +31,8 @@ Times are ``time.monotonic()``, one clock for every process of the machine. Line
 - ``check``: ``t``, ``vu``: the lease was valid at ``t``; the next check follows after
   ``step`` seconds, and with ``act`` a write before it (the campaign aims its SIGSTOP
   right after such a line);
-- ``write``: ``seq``, ``fence``, ``accepted``, ``t`` (sent), ``done`` (answered);
+- ``write``: ``seq``, ``fence``, ``accepted``, ``refused`` (the refusal's reason),
+  ``t`` (sent), ``done`` (answered);
 - ``end``: ``t`` the end of belief (``min(now, valid_until)``, not before the start),
   ``reason`` (done, lost, expired, stop, error), ``vu``;
 - ``timeout``, ``unavailable``, ``error``: ``t``, ``detail``.
@@ -51,43 +52,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.faults.netns import die_with_parent
+from tests.faults.resource import fenced_write
 
 #: The slot groups' name (``throttle(name=...)``); the key is the group's own name.
 THROTTLE_NAME = "faults"
-
-#: Accept a write only if its token is newer than the last accepted one, or the same
-#: token of the same owner (a holder writes several times with its token; a token two
-#: owners were granted fences neither off), and log every attempt in one statement: the
-#: log row's id is drawn while the UPDATE holds the row lock, so accepted writes of a
-#: row are numbered in the order the row saw them.
-FENCED_WRITE = """
-WITH accepted AS (
-    UPDATE fenced_resource SET last_token = %(token)s, owner = %(owner)s, writes = writes + 1
-    WHERE name = %(name)s
-      AND (last_token < %(token)s OR (last_token = %(token)s AND owner = %(owner)s))
-    RETURNING 1
-)
-INSERT INTO fenced_write_log (name, token, accepted, hostname, pid, seq, owner)
-SELECT %(name)s, %(token)s, EXISTS (SELECT 1 FROM accepted), %(hostname)s, %(pid)s, %(seq)s, %(owner)s
-RETURNING accepted
-"""
-
-#: The resource's tables (created by the campaign in its own database).
-SCHEMA = """
-CREATE TABLE fenced_resource (
-    name text PRIMARY KEY, last_token bigint NOT NULL, owner text NOT NULL, writes bigint NOT NULL
-);
-CREATE TABLE fenced_write_log (
-    id bigserial PRIMARY KEY, name text NOT NULL, token bigint NOT NULL, accepted boolean NOT NULL,
-    hostname text NOT NULL, pid integer NOT NULL, seq integer NOT NULL, owner text NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
 class GroupSpec:
     """A slot group of the campaign: its key, its limit, and whether holders write to
-    the fenced resource (only with limit 1: one ``last_token`` cannot fence N holders,
+    the fenced resource (only with limit 1: one stored token cannot fence N holders,
     whose legitimate writes interleave)."""
 
     key: str
@@ -205,24 +179,21 @@ class Holder:
                 # late: the fenced resource must refuse it if a newer holder has written.
                 time.sleep(step)
                 if act:
-                    self.write(group, fence, lease.token)
+                    self.write(group, lease)
                 step = self.rng.uniform(*self.timing.step)
         finally:
             end = max(start, min(time.monotonic(), lease.valid_until))
             self.records.log("end", t=end, reason=reason, vu=lease.valid_until, group=group.key)
 
-    def write(self, group: GroupSpec, fence: int, owner: str) -> None:
+    def write(self, group: GroupSpec, lease: Any) -> None:
         self.seq += 1
-        params: dict[str, Any] = {
-            "name": group.key, "token": fence, "owner": owner, "hostname": self.hostname, "pid": self.pid,
-            "seq": self.seq,
-        }  # fmt: skip
         sent = time.monotonic()
-        with self.connection.cursor() as cursor:
-            cursor.execute(FENCED_WRITE, params)
-            (accepted,) = cursor.fetchone()
+        refused = fenced_write(lease, group.key, hostname=self.hostname, pid=self.pid, seq=self.seq)
         done = time.monotonic()
-        self.records.log("write", seq=self.seq, fence=fence, accepted=accepted, t=sent, done=done)
+        self.records.log(
+            "write", seq=self.seq, fence=lease.fencing_token, accepted=not refused, refused=refused, t=sent,
+            done=done,
+        )  # fmt: skip
 
 
 def throttle_for(group: GroupSpec, timing: Timing) -> Any:
