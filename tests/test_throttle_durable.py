@@ -490,3 +490,19 @@ def test_durable_mode_loads_its_scripts_on_a_server_that_does_not_know_them(
     assert backend.acquire(group, "holder", 1, 30.0, meta(group)).acquired
     deadline = holder_deadline(primary, backend, group, "holder")
     assert replicas_holding(topology, backend, group, "holder", deadline) == 2
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_refusal_inside_the_restart_grace_says_so_in_every_mode(
+    topology: ReplicatedRedis, replicas: int
+) -> None:
+    """The acquire script's ``[-1 - ms, "grace"]`` reply, on the direct and on the
+    pipelined (WAIT) path: refused, with the grace's remaining time and the reason."""
+    primary = topology.client(topology.primary)
+    backend = RedisThrottleBackend(primary, "tw:", restart_grace=30.0, replicas=replicas)
+    group = new_group()
+    refused = backend.acquire(group, "early", 1, 30.0, meta(group))
+    assert not refused.acquired
+    assert refused.reason == "restart grace"
+    assert refused.retry_after is not None
+    assert 25 < refused.retry_after <= 31
