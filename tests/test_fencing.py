@@ -616,3 +616,45 @@ def test_the_rule_holds_on_mariadb(mariadb_alias: str) -> None:
     assert row.writes == 1
     fresh = rows.get(pk=row.pk)
     assert (fresh.fencing_token, fresh.fencing_owner, fresh.payload) == (TOKEN + 2, newer.token, "newer")
+
+
+# --- The rule in SQL, for resources outside Django -----------------------------------------
+
+HOWTO_PAGE = ROOT / "docs" / "howto" / "fenced-writes.md"
+
+
+@pytest.mark.django_db
+def test_the_documented_sql_applies_the_same_rule() -> None:
+    """The how-to's UPDATE for a resource outside Django, run on a table of its shape."""
+    from django.db import connection
+
+    blocks = re.findall(r"```sql\n(.*?)```", HOWTO_PAGE.read_text(encoding="utf-8"), re.S)
+    assert len(blocks) == 1, "the how-to shows one SQL statement"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TABLE resource (id integer PRIMARY KEY, spec text NOT NULL, "
+            "fence bigint NOT NULL, fence_owner varchar(64) NOT NULL)"
+        )
+        cursor.execute("INSERT INTO resource VALUES (1, '', 0, '')")
+
+        def write(lease: Lease, spec: str) -> int:
+            params = {"id": 1, "spec": spec, "token": lease.fencing_token, "owner": lease.token}
+            cursor.execute(blocks[0], params)
+            return cursor.rowcount
+
+        first, same_token, older, newer = (
+            make_lease(TOKEN + 1),
+            make_lease(TOKEN + 1),
+            make_lease(TOKEN),
+            make_lease(TOKEN + 2),
+        )
+        assert [
+            write(first, "first"),
+            write(first, "first again"),
+            write(same_token, "same token"),
+            write(older, "older"),
+            write(newer, "newer"),
+            write(first, "first, late"),
+        ] == [1, 1, 0, 0, 1, 0]
+        cursor.execute("SELECT spec, fence, fence_owner FROM resource WHERE id = 1")
+        assert cursor.fetchone() == ("newer", TOKEN + 2, newer.token)
