@@ -638,7 +638,12 @@ def test_the_documented_sql_applies_the_same_rule() -> None:
         cursor.execute("INSERT INTO resource VALUES (1, '', 0, '')")
 
         def write(lease: Lease, spec: str) -> int:
-            params = {"id": 1, "spec": spec, "token": lease.fencing_token, "owner": lease.token}
+            params: dict[str, int | str] = {
+                "id": 1,
+                "spec": spec,
+                "token": lease.fencing_token,
+                "owner": lease.token,
+            }
             cursor.execute(blocks[0], params)
             return cursor.rowcount
 
