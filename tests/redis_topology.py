@@ -499,6 +499,25 @@ class SentinelTopology:
                 reported.append((str(address[0]), int(address[1])))
         return reported
 
+    def sentinel_master_addresses(self) -> list[tuple[str, int]]:
+        """The master's address in each responsive Sentinel's ``SENTINEL MASTER`` reply:
+        what redis-py's ``Sentinel.discover_master`` reads. During a failover it is still
+        the old primary's until the Sentinel switched (``+switch-master``), whereas
+        ``GET-MASTER-ADDR-BY-NAME`` already names the replica being promoted."""
+        addresses = []
+        for sentinel in self.sentinels:
+            if not sentinel.responsive():
+                continue
+            client = sentinel.client()
+            try:
+                master = cast(dict[str, Any], client.sentinel_master(self.service))
+            except redis.exceptions.RedisError:
+                continue
+            finally:
+                client.close()
+            addresses.append((str(master["ip"]), int(master["port"])))
+        return addresses
+
     def current_primary(self) -> RedisNode:
         """The data node the first Sentinel that answers names as the primary."""
         reported = self._reported_primaries()

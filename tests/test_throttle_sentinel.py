@@ -7,26 +7,38 @@ django-redis documents Sentinel.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import redis
 from django.core.cache import caches
 from redis import Redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 import task_workflow.throttle as throttle_module
-from task_workflow.tasks import throttle
-from task_workflow.throttle import STORE_ERRORS, SlotGroup, get_backend
+from task_workflow.tasks import ThrottleTimeout, throttle
+from task_workflow.throttle import (
+    STORE_ERRORS,
+    RedisThrottleBackend,
+    SlotGroup,
+    ThrottleUnavailable,
+    get_backend,
+)
 from tests.redis_topology import SentinelTopology
+from tests.waiting import wait_until
 from tests.workers import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH")
@@ -296,3 +308,153 @@ def test_a_sentinel_pool_is_rebuilt_with_the_throttles_timeouts() -> None:
             1.5,
             1.5,
         )
+
+
+# --- Failovers ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grant:
+    at: float  # time.monotonic() when the lease was handed to the caller
+    fencing_token: int
+
+
+class GrantLoop(threading.Thread):
+    """One caller that takes and gives back the one slot of a group (limit 1) in a loop
+    through the public ``throttle()``, recording every grant (its time and fencing
+    token) and every failure, until stopped."""
+
+    def __init__(self, group_name: str) -> None:
+        super().__init__(name="sentinel-grant-loop", daemon=True)
+        self.group_name = group_name
+        self.grants: list[Grant] = []
+        self.failures: list[tuple[float, str]] = []
+        self._stop_requested = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_requested.is_set():
+            try:
+                with throttle(key="region", name=self.group_name, wait=1.0, ttl=10) as lease:
+                    self.grants.append(Grant(time.monotonic(), lease.fencing_token))
+            except (ThrottleUnavailable, ThrottleTimeout) as exc:
+                self.failures.append((time.monotonic(), str(exc)))
+                # Pacing while the store is down (a refused connection fails at once).
+                self._stop_requested.wait(0.02)
+
+    def grants_after(self, moment: float) -> list[Grant]:
+        return [grant for grant in list(self.grants) if grant.at > moment]
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+        self.join(30)
+        assert not self.is_alive(), "the grant loop did not stop"
+
+
+@contextmanager
+def granting(group_name: str) -> Iterator[GrantLoop]:
+    """A running ``GrantLoop``, stopped afterwards (also when the test fails)."""
+    loop = GrantLoop(group_name)
+    loop.start()
+    try:
+        wait_until(lambda: len(loop.grants) >= 20, 30, "grants before the fault")
+        yield loop
+    finally:
+        loop.stop()
+
+
+def assert_strictly_increasing(grants: list[Grant]) -> None:
+    """One caller's grants, one after the other: each fencing token above the one before."""
+    tokens = [grant.fencing_token for grant in grants]
+    repeats_or_backwards = [(a, b) for a, b in itertools.pairwise(tokens) if b <= a]
+    assert not repeats_or_backwards, (
+        f"{len(repeats_or_backwards)} fencing tokens not above the one before, "
+        f"e.g. {repeats_or_backwards[:5]}"
+    )
+
+
+def test_after_sigkill_of_the_primary_grants_resume_on_the_promoted_replica(
+    sentinel_topology: SentinelTopology, settings: Any
+) -> None:
+    topology = sentinel_topology
+    use_lock_cache(settings, topology.django_cache(), THROTTLE_SOCKET_TIMEOUT=1.0)
+    with granting(f"tests.sentinel.{uuid.uuid4().hex[:8]}") as loop:
+        killed_at = time.monotonic()
+        killed = topology.kill_primary()
+        topology.wait_for_failover(killed)
+        promoted_at = time.monotonic()
+        first = wait_until(lambda: loop.grants_after(promoted_at)[:1], 30, "a grant after the failover")[0]
+        wait_until(lambda: len(loop.grants_after(first.at)) >= 20, 30, "grants on the new primary")
+    resumed = loop.grants_after(killed_at)[0].at - killed_at
+    print(
+        f"SIGKILL of the primary: Sentinel promoted a replica after {promoted_at - killed_at:.2f} s, "
+        f"first grant {resumed:.2f} s after the kill; {len(loop.failures)} failed calls meanwhile"
+    )
+    assert resumed < (promoted_at - killed_at) + 3.0
+    assert_strictly_increasing(loop.grants)
+
+
+def seq_key(group_name: str) -> bytes:
+    """The group's counter key (its last fencing token) in the lock cache."""
+    backend = get_backend()
+    assert isinstance(backend, RedisThrottleBackend)
+    return backend._keys(SlotGroup(group_name, "region"))[5]
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["with-primary-watch", "without-primary-watch"])
+def test_after_an_orderly_failover_the_old_primary_stops_granting_within_a_second(
+    sentinel_topology: SentinelTopology, settings: Any, watch: bool
+) -> None:
+    """``SENTINEL FAILOVER`` promotes a replica while the old primary still answers as a
+    primary (Sentinel demotes it some 8 s later): connections already open would go on
+    granting there, writes the new primary never sees. With the primary watch the
+    throttle leaves it within about a second of Sentinel's switch; without it (the
+    measurement that shows why) until the old primary is demoted."""
+    topology = sentinel_topology
+    use_lock_cache(settings, topology.django_cache(), THROTTLE_SOCKET_TIMEOUT=1.0)
+    group_name = f"tests.sentinel.{uuid.uuid4().hex[:8]}"
+    backend = get_backend()
+    assert isinstance(backend, RedisThrottleBackend)
+    assert backend.primary_check is not None
+    if not watch:
+        backend.primary_check = None
+    old = topology.primary
+    key = seq_key(group_name)
+    old_client = old.client()
+    with granting(group_name) as loop:
+        failover_at = time.monotonic()
+        topology.orderly_failover()
+        # Until the old primary is demoted: when its counter last moved (its last grant),
+        # and when every Sentinel named the new primary (what the watch asks).
+        last_value, last_grant_on_old, switched_at = old_client.get(key), failover_at, None
+        while True:
+            try:
+                # Read in one round trip: the counter while the node is still a primary.
+                pipeline = old_client.pipeline(transaction=False)
+                pipeline.role()
+                pipeline.get(key)
+                role, value = pipeline.execute()
+            except redis.exceptions.ConnectionError:
+                continue  # Sentinel kills the clients of the node it demotes
+            if role[0] != "master":
+                break
+            if value != last_value:
+                last_value, last_grant_on_old = value, time.monotonic()
+            if switched_at is None and old.address not in topology.sentinel_master_addresses():
+                switched_at = time.monotonic()
+            assert time.monotonic() - failover_at < 60, "the old primary was never demoted"
+            time.sleep(0.02)  # sampling period of the old primary's counter
+        demoted_at = time.monotonic()
+        assert switched_at is not None
+        topology.wait_for_failover(old)
+        wait_until(lambda: len(loop.grants_after(demoted_at)) >= 20, 30, "grants on the new primary")
+    window = last_grant_on_old - switched_at
+    print(
+        f"orderly failover ({'with' if watch else 'without'} the primary watch): Sentinel switched "
+        f"{switched_at - failover_at:.2f} s after SENTINEL FAILOVER, the old primary was demoted "
+        f"{demoted_at - failover_at:.2f} s after it and granted until {window:+.2f} s from the switch"
+    )
+    if watch:
+        assert window < 1.5
+    else:
+        assert window > 2.0  # why the watch is there
+    assert_strictly_increasing(loop.grants)
