@@ -40,6 +40,12 @@ script is idempotent for its token, so a call that redis-py retries after a lost
 does no harm: an acquire that was granted finds its own slot, a release that went
 through finds nothing.
 
+In the durable mode (``replicas`` > 0, ``TASK_WORKFLOW['THROTTLE_REPLICAS']``) a script call
+that grants, renews, hands over or releases a slot is sent as ``EVALSHA`` followed by
+``WAIT`` in one non-transactional pipeline, so the acknowledgement is of that call's own
+writes (same connection) at the cost of no extra round trip; fewer acknowledgements than
+``replicas`` raise :class:`~task_workflow.throttle.errors.ReplicationNotAcknowledged`.
+
 The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md):
 
 - ``ZCARD holders <= concurrency``: a grant adds a holder only below the limit (after
