@@ -63,3 +63,44 @@ class TransitionNotPermitted(TaskWorkflowError, TransitionNotAllowed):
 
 class ImproperlyDecorated(TaskWorkflowError, TypeError):
     """A task decorator was applied to something it cannot work with."""
+
+
+class FencedWriteRefused(TaskWorkflowError):
+    """A fenced write was refused: the row has seen a newer holder, or the lease is gone.
+
+    ``reason`` is one of:
+
+    - ``"older token"``: the row holds a larger fencing token than the lease's (a newer
+      holder has written since: this holder is stale);
+    - ``"same token, other owner"``: the row holds the lease's token written by another
+      owner (two holders were granted one token: only the first to write may go on);
+    - ``"lease lost"``: ``lease.lost`` was already true, so nothing was sent (the store may
+      have given the slot away; the newer holder may not have written yet);
+    - ``"lease released"``: the lease was released before the write, so nothing was sent.
+
+    ``model`` is the model's label, ``pk`` the row's primary key (for a queryset: the row
+    holding the newest token), ``fencing_token`` and ``owner`` the lease's,
+    ``stored_fencing_token`` and ``stored_owner`` what the row held when read just after
+    the refusal (``None`` when nothing was sent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str = "",
+        model: str | None = None,
+        pk: Any = None,
+        fencing_token: int | None = None,
+        owner: str | None = None,
+        stored_fencing_token: int | None = None,
+        stored_owner: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.model = model
+        self.pk = pk
+        self.fencing_token = fencing_token
+        self.owner = owner
+        self.stored_fencing_token = stored_fencing_token
+        self.stored_owner = stored_owner

@@ -17,6 +17,7 @@ from django.db import models
 
 from .exceptions import (
     EntityNotFound,
+    FencedWriteRefused,
     ImproperlyDecorated,
     InvalidEntityUuid,
     TaskWorkflowError,
@@ -34,6 +35,7 @@ from .transitions import (
 
 __all__ = [
     "EntityNotFound",
+    "FencedWriteRefused",
     "ImproperlyDecorated",
     "InvalidEntityUuid",
     "TaskWorkflowError",
