@@ -44,7 +44,7 @@ In the durable mode (``replicas`` > 0, ``TASK_WORKFLOW['THROTTLE_REPLICAS']``) a
 that grants, renews, hands over or releases a slot is sent as ``EVALSHA`` followed by
 ``WAIT`` in one non-transactional pipeline, so the acknowledgement is of that call's own
 writes (same connection) at the cost of no extra round trip; fewer acknowledgements than
-``replicas`` raise :class:`~task_workflow.throttle.errors.ReplicationNotAcknowledged`.
+``replicas`` raise ``task_workflow.throttle.errors.ReplicationNotAcknowledged``.
 
 The scripts are the protocol. Their invariants (docs/design/throttle-protocol.md):
 
@@ -138,7 +138,7 @@ class RedisThrottleBackend(ThrottleBackend):
     release or handed slot counts only once N replicas acknowledged it: each such script
     call is followed, in the same non-transactional pipeline on the same connection, by
     ``WAIT N <replicas_timeout>``, and fewer acknowledgements raise
-    :class:`~task_workflow.throttle.errors.ReplicationNotAcknowledged` (a store failure:
+    ``task_workflow.throttle.errors.ReplicationNotAcknowledged`` (a store failure:
     the caller gives a grant back, the backend does not). 0 sends no ``WAIT``.
 
     ``primary_check``: called before each script call and ``BLPOP`` (Sentinel's primary
