@@ -528,15 +528,6 @@ def test_the_throttle_socket_timeout_applies_to_the_backends_own_pool(settings):
     assert connection._sock.gettimeout() == 0.75
 
 
-def test_a_sentinel_managed_pool_is_used_as_it_is():
-    """A pool of another kind (Sentinel's finds the master itself) is not rebuilt."""
-    from redis.sentinel import Sentinel, SentinelConnectionPool
-
-    pool = SentinelConnectionPool("mymaster", Sentinel([("127.0.0.1", 1)]))
-    client = redis.Redis(connection_pool=pool)
-    assert throttle_module.throttle_client(client, 1.0) is client
-
-
 def test_script_calls_go_through_execute_command(backend, monkeypatch):
     """Instrumentation that wraps the client's ``execute_command`` (tracing, metrics)
     sees every script call, as ``EVALSHA`` with the group's keys."""

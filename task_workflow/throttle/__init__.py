@@ -34,7 +34,7 @@ from .base import HeldSlot, SlotGroup, ThrottleBackend, WaitingCall
 from .cache_backend import CacheThrottleBackend
 from .database_backend import DatabaseCacheThrottleBackend
 from .errors import STORE_ERRORS as STORE_ERRORS
-from .errors import ThrottleTimeout, ThrottleUnavailable
+from .errors import ReplicationNotAcknowledged, ThrottleTimeout, ThrottleUnavailable
 from .factory import _backends as _backends
 from .factory import get_backend
 from .factory import throttle_client as throttle_client
@@ -51,6 +51,7 @@ __all__ = [
     "HeldSlot",
     "Lease",
     "RedisThrottleBackend",
+    "ReplicationNotAcknowledged",
     "SlotGroup",
     "ThrottleBackend",
     "ThrottleTimeout",
