@@ -100,6 +100,8 @@ class CampaignConfig:
     groups: tuple[GroupSpec, ...] = (GroupSpec("solo", 1, fenced=True), GroupSpec("pair", 2))
     ttl: float = 1.5
     wait: float = 3.0
+    #: Shortest and longest hold, seconds (``Timing.hold``).
+    hold: tuple[float, float] = Timing.hold
     #: Redis-restart grace of the holders' throttle; ``None``: the TTL.
     grace: float | None = None
     #: Quiet time after each fault.
@@ -128,7 +130,7 @@ class CampaignConfig:
         most 4.2 s between two starts on 2 cores at a load average of 7 to 9 (two test
         sessions and benchmarks beside the campaign).
         """
-        longest = self.ttl + self.restart_grace + 1.0 + self.wait + Timing().hold[1]
+        longest = self.ttl + self.restart_grace + 1.0 + self.wait + self.hold[1]
         return max(30.0, 3 * longest)
 
 
@@ -484,7 +486,7 @@ class Campaign:
         command = host.command(
             sys.executable, "-m", "tests.faults.holder", "--hostname", host.hostname,
             "--records", str(holder.records_path), "--groups", ",".join(str(g) for g in config.groups),
-            "--ttl", str(config.ttl), "--wait", str(config.wait),
+            "--ttl", str(config.ttl), "--wait", str(config.wait), "--hold", *(str(s) for s in config.hold),
             "--seed", str(config.seed * 1000 + self._holder_serial),
         )  # fmt: skip
         with holder.log_path.open("ab") as log:

@@ -35,6 +35,11 @@ from typing import Any
 CAUSES = ("sigstop", "pause", "unexplained")
 
 
+#: Refusals of ``task_workflow.fencing`` that sent nothing: the holder's own lease said
+#: no (a renewal had found it lost) before the row was asked.
+LOCAL_REFUSALS = ("lease lost", "lease released")
+
+
 @dataclass
 class Write:
     seq: int
@@ -42,6 +47,8 @@ class Write:
     accepted: bool
     sent: float
     done: float
+    #: Why it was refused ("" when accepted, or in records without it).
+    refused: str = ""
 
 
 @dataclass
@@ -148,7 +155,11 @@ def parse_records(path: Path, kills: dict[str, float]) -> HolderLog:
         elif current is not None and ev == "check":
             current.checks.append(rec["t"])
         elif current is not None and ev == "write":
-            current.writes.append(Write(rec["seq"], rec["fence"], rec["accepted"], rec["t"], rec["done"]))
+            current.writes.append(
+                Write(
+                    rec["seq"], rec["fence"], rec["accepted"], rec["t"], rec["done"], rec.get("refused", "")
+                )
+            )
         elif current is not None and ev == "end":
             current.end, current.reason = rec["t"], rec["reason"]
             log.holds.append(current)
@@ -211,7 +222,8 @@ class Report:
     stale_accepted: int = 0
     late_writes: int = 0
     late_accepted: int = 0
-    #: Refused although the writer still rightly believed it held the slot.
+    #: Refused by the row although the writer still rightly believed it held the slot (a
+    #: refusal of the holder's own lost lease, ``LOCAL_REFUSALS``, is none: belief ended).
     in_lease_refused: int = 0
     #: A grant whose fencing token is not above that of a grant known to come first.
     token_regressions: int = 0
@@ -649,7 +661,7 @@ def _check_writes(
                 if write.done > hold.end:
                     report.late_writes += 1
                     report.late_accepted += write.accepted
-                elif not write.accepted:
+                elif not write.accepted and write.refused not in LOCAL_REFUSALS:
                     report.in_lease_refused += 1
                     if report.in_lease_refused <= 5:
                         report.notes.append(

@@ -19,7 +19,7 @@ Fault kinds, besides the holders' ``sigkill``, ``sigstop`` and ``cut`` of ``camp
 - ``lagging-failover``: SIGSTOP both replicas and close their replication links on the
   primary (``CLIENT KILL TYPE replica``: writes from then on reach no replica, not even
   a paused one's socket buffer, as when a replica's link times out), wait until a holder
-  is granted a slot by the primary (a ``start`` after the links were closed; with mode 1
+  is granted a fenced slot by the primary (a ``start`` after the links were closed; with mode 1
   no grant can complete, the campaign then goes on after ``lagging_grant_wait``),
   SIGKILL the primary, SIGCONT the replicas: the replica Sentinel promotes missed that
   grant (``detail["missed_bytes"]``: the primary's replication stream written after the
@@ -72,6 +72,9 @@ class FailoverConfig(CampaignConfig):
     #: ``THROTTLE_REPLICAS_TIMEOUT``, seconds.
     replicas_timeout: float = 0.3
     ttl: float = 5.0
+    #: Holds up to longer than a failover: a holder granted before a kill still holds when
+    #: the new primary could grant its slot again.
+    hold: tuple[float, float] = (0.2, 6.0)
     kinds: tuple[str, ...] = (*FAILOVER_KINDS, "sigkill")
     #: Sentinel's ``down-after-milliseconds`` and ``failover-timeout``. At 1 s, on a
     #: loaded 2-core machine, Sentinel took a primary it had promoted a second earlier for
@@ -79,7 +82,7 @@ class FailoverConfig(CampaignConfig):
     down_after_ms: int = 1500
     failover_timeout_ms: int = 3000
     #: Seconds the lagging failover waits, replicas paused, for a grant of the primary.
-    lagging_grant_wait: float = 2.0
+    lagging_grant_wait: float = 3.0
 
 
 class FailoverCampaign(Campaign):
@@ -179,6 +182,10 @@ class FailoverCampaign(Campaign):
         return Fault("orderly-failover", asked, demoted, detail=detail)
 
     def fault_lagging_failover(self) -> Fault:
+        fenced = {g.key for g in self.config.groups if g.fenced}
+        # Pause when a fenced hold is about to end: its slot goes to a waiter (or a
+        # newcomer) while the replicas miss it.
+        self._pick(lambda h: h.holding and h.group in fenced and h.until - time.monotonic() < 0.3, 10.0)
         old = self.sentinel.current_primary()
         replicas = [node for node in self.sentinel.nodes if node is not old]
         paused = time.monotonic()
@@ -191,7 +198,10 @@ class FailoverCampaign(Campaign):
             links_cut = time.monotonic()
 
             def granted_since_cut() -> float | None:
-                starts = [h.last_start for h in self._live() if h.last_start > links_cut]
+                # A grant of a fenced group: its holder writes through the failover.
+                starts = [
+                    h.last_start for h in self._live() if h.last_start > links_cut and h.group in fenced
+                ]
                 return min(starts, default=None)
 
             try:

@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--groups", required=True, help="comma-separated key:limit[:fenced]")
     parser.add_argument("--ttl", type=float, default=Timing.ttl)
     parser.add_argument("--wait", type=float, default=Timing.wait)
+    parser.add_argument("--hold", type=float, nargs=2, default=Timing.hold, help="shortest and longest hold")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     die_with_parent()
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     holder = Holder(
         Records(args.records),
         [GroupSpec.parse(text) for text in args.groups.split(",")],
-        Timing(ttl=args.ttl, wait=args.wait),
+        Timing(ttl=args.ttl, wait=args.wait, hold=tuple(args.hold)),
         args.seed,
     )
 

@@ -93,6 +93,13 @@ def test_a_refused_write_inside_its_lease_is_counted() -> None:
     assert report.in_lease_refused == 1
 
 
+def test_a_write_its_own_lost_lease_refused_is_not_refused_inside_its_lease() -> None:
+    lost = Write(1, 3, False, 0.5, 0.51, refused="lease lost")
+    assert run([hold(1, 3, 0.0, 1.0, writes=[lost])]).in_lease_refused == 0
+    older = Write(1, 3, False, 0.5, 0.51, refused="older token")
+    assert run([hold(1, 3, 0.0, 1.0, writes=[older])]).in_lease_refused == 1
+
+
 def test_a_token_not_above_an_earlier_grant_is_a_regression() -> None:
     first, second = hold(1, 10, 0.0, 1.0), hold(2, 4, 2.0, 3.0, t_req=1.5)
     assert token_regressions([first, second]) == [(first, second)]

@@ -38,7 +38,7 @@ from tests.faults.test_fault_campaign import missing_requirements
 pytestmark = [pytest.mark.services, pytest.mark.failover_campaign]
 
 #: Seconds of faults after every kind was injected once (each kind is, however short).
-DURATION = float(os.environ.get("TWF_DURATION", "5"))
+DURATION = float(os.environ.get("TWF_DURATION", "30"))
 
 
 @pytest.mark.parametrize("replicas", [0, 1], ids=["mode-0", "mode-1"])
