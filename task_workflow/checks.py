@@ -7,7 +7,13 @@
   DatabaseCache on a database the throttle cannot lock (E006), a ``LOCK_TTL`` Memcached
   cannot store (E004), a ``MAX_ENTRIES`` Django cannot read (E008);
 - warnings: a per-process cache (W001), ``IGNORE_EXCEPTIONS`` (W002), culling (W003), a
-  socket timeout of 1 s or less (W004), a cache that could not be inspected (W005).
+  socket timeout of 1 s or less (W004), a cache that could not be inspected (W005);
+- Redis Sentinel set-ups the throttle (and the cache) cannot use (E010-E013), and the
+  durable mode's settings (E014, E015).
+
+``check_lock_cache_server`` (tag ``caches``) asks the lock cache's Redis what the throttle
+needs from it: ``INFO`` for the restart grace (E016), enough connected replicas for
+``THROTTLE_REPLICAS`` (W008); W007 when it cannot be asked.
 
 ``check_celery_db_reuse`` (tag ``celery``) warns when the project's Celery app closes every
 database connection around each task (W006).
@@ -81,6 +87,14 @@ VALIDATORS: dict[str, tuple[Any, str]] = {
     "THROTTLE_RESTART_GRACE": (
         lambda v: _number(v, minimum=0, allow_none=True),
         "a finite number of seconds >= 0, or None for LOCK_TTL",
+    ),
+    "THROTTLE_REPLICAS": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "an int >= 0 (how many replicas must acknowledge each throttle write; 0: none)",
+    ),
+    "THROTTLE_REPLICAS_TIMEOUT": (
+        lambda v: _number(v, minimum=0) and v > 0,
+        "a finite number of seconds > 0",
     ),
     "HEAVY_QUEUE": (lambda v: isinstance(v, str) and bool(v), "a non-empty queue name"),
     "TRANSITION_HISTORY": (lambda v: isinstance(v, bool), "True or False"),
@@ -203,6 +217,9 @@ def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
         messages.extend(
             _check_socket_timeout(alias, kind, options, _setting("THROTTLE_SOCKET_TIMEOUT", configured))
         )
+    if kind == "django_redis":
+        messages.extend(_check_sentinel(alias, config, options))
+    messages.extend(_check_replicas(alias, kind, name, configured))
     if kind == "django_redis" and options.get("IGNORE_EXCEPTIONS"):
         messages.append(
             Warning(
@@ -213,6 +230,295 @@ def check_lock_cache(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
             )
         )
     return messages
+
+
+def _subclass_of(path: Any, base_path: str) -> bool:
+    """``path`` (a dotted path, or a class) names ``base_path``'s class or a subclass."""
+    try:
+        cls = import_string(path) if isinstance(path, str) else path
+        base = import_string(base_path)
+    except ImportError:
+        return False
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+SENTINEL_CLIENT = "django_redis.client.SentinelClient"
+SENTINEL_FACTORY = "django_redis.pool.SentinelConnectionFactory"
+SENTINEL_POOL = "redis.sentinel.SentinelConnectionPool"
+DEFAULT_FACTORY = "django_redis.pool.ConnectionFactory"
+SENTINEL_HINT = (
+    "Configure Sentinel as django-redis documents it: LOCATION 'redis://<service name>/<db>', "
+    f"OPTIONS CLIENT_CLASS '{SENTINEL_CLIENT}', CONNECTION_FACTORY '{SENTINEL_FACTORY}' and "
+    "SENTINELS [(host, port), ...] (see 'Redis high availability' in task_workflow's documentation)."
+)
+
+
+def _sentinel_pair(entry: Any) -> bool:
+    """A ``(host, port)`` pair as redis-py's ``Sentinel`` takes it (django-redis passes
+    ``SENTINELS`` on as they are): a non-empty host and a port in 1-65535 (an ``int``, or
+    a string of digits, which the socket accepts too)."""
+    if isinstance(entry, str | bytes) or not isinstance(entry, list | tuple) or len(entry) != 2:
+        return False
+    host, port = entry
+    if isinstance(port, str) and port.isdigit():
+        port = int(port)
+    return (
+        isinstance(host, str)
+        and bool(host)
+        and isinstance(port, int)
+        and not isinstance(port, bool)
+        and (0 < port < 65536)
+    )
+
+
+def _first_location(config: dict[str, Any]) -> str:
+    """The cache's first (primary) ``LOCATION`` URL: a string may list several, comma-separated."""
+    location = config.get("LOCATION", "")
+    if isinstance(location, list | tuple):
+        location = location[0] if location else ""
+    return str(location).split(",")[0].strip()
+
+
+def _check_sentinel(alias: str, config: dict[str, Any], options: dict[str, Any]) -> list[CheckMessage]:
+    """E010-E013: a django-redis Sentinel setup the throttle (and the cache) cannot use.
+
+    django-redis builds connections through its ``CONNECTION_FACTORY`` (the option, else
+    ``settings.DJANGO_REDIS_CONNECTION_FACTORY``); only ``SentinelConnectionFactory`` asks
+    Sentinel, and only with ``SENTINELS`` it can pass to redis-py's ``Sentinel``. Without
+    it ``SentinelClient`` raises ``ImproperlyConfigured`` at the cache's first use, and a
+    plain client takes the service name in ``LOCATION`` for a host name."""
+    from urllib.parse import parse_qs, urlparse
+
+    factory = options.get("CONNECTION_FACTORY") or getattr(settings, "DJANGO_REDIS_CONNECTION_FACTORY", None)
+    factory = factory or DEFAULT_FACTORY
+    client_class = options.get("CLIENT_CLASS", "django_redis.client.DefaultClient")
+    sentinel_client = _subclass_of(client_class, SENTINEL_CLIENT)
+    sentinel_factory = _subclass_of(factory, SENTINEL_FACTORY)
+    location = _first_location(config)
+    try:
+        url = urlparse(location)
+        service = url.hostname or ""
+    except ValueError:
+        url, service = None, ""
+    if not sentinel_factory:
+        if not sentinel_client and "SENTINELS" not in options:
+            return []
+        effect = (
+            "CLIENT_CLASS SentinelClient then raises ImproperlyConfigured at the cache's first use"
+            if sentinel_client
+            else f"django-redis then connects to {service or location!r} as if it were a Redis server's "
+            "host name (the throttle fails with 'Name or service not known'), and SENTINELS is ignored"
+        )
+        return [
+            Error(
+                f"Cache {alias!r} is set up for Redis Sentinel (CLIENT_CLASS {client_class!r}"
+                f"{', SENTINELS' if 'SENTINELS' in options else ''}) but its connection factory is "
+                f"{factory!r}, which does not ask Sentinel: {effect}.",
+                hint=f"Set OPTIONS['CONNECTION_FACTORY'] = '{SENTINEL_FACTORY}'. {SENTINEL_HINT}",
+                id="task_workflow.E010",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    sentinels = options.get("SENTINELS")
+    if (
+        not isinstance(sentinels, list | tuple)
+        or not sentinels
+        or not all(_sentinel_pair(entry) for entry in sentinels)
+    ):
+        messages.append(
+            Error(
+                f"Cache {alias!r} uses {factory!r}, whose OPTIONS['SENTINELS'] = {sentinels!r} is not a "
+                "non-empty list of (host, port) pairs of the Sentinels: the cache fails at its first use "
+                "(ImproperlyConfigured, or a ValueError for 'host:port' strings).",
+                hint="Set OPTIONS['SENTINELS'] = [('sentinel-1.example', 26379), ...]. " + SENTINEL_HINT,
+                id="task_workflow.E011",
+            )
+        )
+    pool_class = options.get("CONNECTION_POOL_CLASS")
+    if pool_class is not None and not _subclass_of(pool_class, SENTINEL_POOL):
+        messages.append(
+            Error(
+                f"Cache {alias!r} uses {factory!r} with OPTIONS['CONNECTION_POOL_CLASS'] = {pool_class!r}, "
+                "which is not a redis.sentinel.SentinelConnectionPool: its connections would not ask "
+                "Sentinel for the primary (django-redis refuses it at the cache's first use).",
+                hint=f"Remove CONNECTION_POOL_CLASS (the factory defaults to {SENTINEL_POOL}) or name a "
+                "subclass of it.",
+                id="task_workflow.E012",
+            )
+        )
+    if not sentinel_client and url is not None:
+        is_master = parse_qs(url.query).get("is_master", ["1"])[0].strip().lower()
+        if is_master in ("0", "false", "f", "n", "no", "off"):
+            messages.append(
+                Error(
+                    f"Cache {alias!r} is the throttle's lock cache, and its LOCATION {location!r} asks "
+                    "Sentinel for a replica (is_master=0): replicas refuse writes, so every throttle "
+                    "call fails (READONLY) and the throttled code never runs.",
+                    hint="Drop is_master=0 from the lock cache's LOCATION (or use CLIENT_CLASS "
+                    f"'{SENTINEL_CLIENT}', which writes to the primary and reads from replicas).",
+                    id="task_workflow.E013",
+                )
+            )
+    return messages
+
+
+def _check_replicas(
+    alias: str, kind: str | None, name: str, configured: dict[str, Any]
+) -> list[CheckMessage]:
+    """E014/E015: the durable mode (``THROTTLE_REPLICAS`` > 0) needs Redis, and a ``WAIT``
+    that ends before the throttle's socket timeout."""
+    replicas = _setting("THROTTLE_REPLICAS", configured)
+    if not replicas:
+        return []
+    if kind not in ("django_redis", "redis"):
+        return [
+            Error(
+                f"TASK_WORKFLOW['THROTTLE_REPLICAS'] = {replicas} asks for grants acknowledged by Redis "
+                f"replicas, but the lock cache {alias!r} ({name}) is not Redis: no replica acknowledges "
+                "anything there, so the durable mode would promise what it cannot do.",
+                hint="Point TASK_WORKFLOW['CACHE'] at a django-redis cache of a replicated Redis, or set "
+                "THROTTLE_REPLICAS to 0.",
+                id="task_workflow.E015",
+            )
+        ]
+    timeout = _setting("THROTTLE_REPLICAS_TIMEOUT", configured)
+    socket_timeout = _setting("THROTTLE_SOCKET_TIMEOUT", configured)
+    if timeout < socket_timeout:
+        return []
+    return [
+        Error(
+            f"TASK_WORKFLOW['THROTTLE_REPLICAS_TIMEOUT'] = {timeout!r} is not below "
+            f"THROTTLE_SOCKET_TIMEOUT = {socket_timeout!r}: a WAIT for the replicas runs on the throttle's "
+            "own connection, so its socket would time out first and every slow acknowledgement would "
+            "show as a broken connection instead of 'not acknowledged'.",
+            hint="Keep THROTTLE_REPLICAS_TIMEOUT well below THROTTLE_SOCKET_TIMEOUT (defaults 0.5 and 5).",
+            id="task_workflow.E014",
+        )
+    ]
+
+
+#: Seconds each question of :func:`check_lock_cache_server` to Redis (or Sentinel) may take.
+PROBE_TIMEOUT = 1.0
+
+
+@register(Tags.caches)
+def check_lock_cache_server(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Asks the lock cache's Redis (its primary, through Sentinel where configured) what
+    the throttle will need from it, with the throttle's own connection settings and
+    socket timeouts of at most :data:`PROBE_TIMEOUT`, no retries:
+
+    - E016: its user may not run ``INFO`` (an ACL such as ``+@all -@dangerous``) while the
+      restart grace is > 0: the scripts read ``INFO server`` when a group's counter is
+      missing, and refuse to write without it, so every first acquire of a group fails;
+    - W008: ``THROTTLE_REPLICAS`` > 0 and fewer replicas are connected to it now, so every
+      grant fails closed until enough are;
+    - W007: it could not be asked (unreachable, refused the connection, ...): nothing is
+      known, and the throttle fails closed while it stays so.
+
+    Runs only for a django-redis or Django Redis lock cache whose settings the other
+    checks accept, and only when there is something to ask (a restart grace > 0, or
+    ``THROTTLE_REPLICAS`` > 0)."""
+    configured = getattr(settings, "TASK_WORKFLOW", None) or {}
+    if not isinstance(configured, dict):
+        return []
+    alias = configured.get("CACHE", DEFAULTS["CACHE"])
+    config = settings.CACHES.get(alias) if isinstance(alias, str) else None
+    if not isinstance(config, dict):
+        return []
+    kind = _cache_kind(str(config.get("BACKEND", "")))
+    options = config.get("OPTIONS")
+    options = options if isinstance(options, dict) else {}
+    if kind not in ("django_redis", "redis") or (
+        kind == "django_redis" and _check_sentinel(alias, config, options)
+    ):
+        return []
+    grace = _setting("THROTTLE_RESTART_GRACE", configured)
+    grace = _setting("LOCK_TTL", configured) if grace is None else grace
+    replicas = _setting("THROTTLE_REPLICAS", configured)
+    if grace <= 0 and not replicas:
+        return []
+    try:
+        info = _probe_info(
+            alias, min(PROBE_TIMEOUT, _setting("THROTTLE_SOCKET_TIMEOUT", configured)), replicas
+        )
+    except _InfoRefused as refused:
+        if grace <= 0:
+            return []  # nothing needs INFO; its replicas cannot be counted without it
+        return [
+            Error(
+                f"The Redis user of cache {alias!r} may not run INFO ({refused}), which the throttle's "
+                f"scripts need while TASK_WORKFLOW['THROTTLE_RESTART_GRACE'] is {grace:g}s: they read "
+                "INFO server to tell a restarted server from a group's first use, and without it write "
+                "nothing and fail, so each group's first acquire fails (the task is re-queued, the "
+                "throttled code never runs).",
+                hint="Grant the permission +info to that user (ACL SETUSER <user> +info; the common "
+                "profile +@all -@dangerous leaves it out), or set THROTTLE_RESTART_GRACE to 0, only "
+                "with persistence that keeps every write (appendonly yes, appendfsync always), so a "
+                "restarted server still knows its leases.",
+                id="task_workflow.E016",
+            )
+        ]
+    except Exception as exc:  # unreachable, bad credentials, Sentinel down, ...: never crash checks
+        return [
+            Warning(
+                f"Could not ask the Redis of cache {alias!r} what the throttle needs from it "
+                f"({type(exc).__name__}: {exc}); the throttle fails closed while it cannot reach it.",
+                hint="Check that the lock cache's Redis (and its Sentinels) run and that LOCATION and "
+                "OPTIONS are right, then run `manage.py check` again.",
+                id="task_workflow.W007",
+            )
+        ]
+    connected = int(info.get("connected_slaves", 0))
+    if replicas and connected < replicas:
+        return [
+            Warning(
+                f"TASK_WORKFLOW['THROTTLE_REPLICAS'] = {replicas}, but the Redis of cache {alias!r} has "
+                f"{connected} replica(s) connected now: no grant can be acknowledged by {replicas}, so "
+                "every throttled task is re-queued until enough replicas are back.",
+                hint="Connect more replicas to the primary, or lower THROTTLE_REPLICAS (durable mode, "
+                "'Redis high availability' in task_workflow's documentation).",
+                id="task_workflow.W008",
+            )
+        ]
+    return []
+
+
+class _InfoRefused(Exception):
+    """The server refused ``INFO`` to the lock cache's user (the server's reply)."""
+
+
+def _probe_info(alias: str, timeout: float, replicas: int) -> dict[str, Any]:
+    """``INFO server`` (and ``INFO replication`` when ``replicas``) of the lock cache's
+    Redis, asked on a client like the throttle's own; raises :class:`_InfoRefused` when
+    the user may not run it."""
+    from django.core.cache import caches
+    from redis.backoff import NoBackoff
+    from redis.exceptions import NoPermissionError
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel, SentinelConnectionPool
+
+    from .throttle.factory import cache_redis_client, throttle_client
+
+    cache_client = cache_redis_client(caches[alias])
+    if cache_client is None:
+        return {}
+    client = throttle_client(cache_client, timeout)
+    own = client is not cache_client
+    if own:
+        client.set_retry(Retry(NoBackoff(), 0))  # one try: a check must answer quickly
+    try:
+        info: dict[str, Any] = dict(client.info("server"))
+        if replicas:
+            info.update(client.info("replication"))
+        return info
+    except NoPermissionError as exc:
+        raise _InfoRefused(str(exc)) from exc
+    finally:
+        if own:
+            pool = client.connection_pool
+            pool.disconnect()
+            if isinstance(pool, SentinelConnectionPool) and isinstance(pool.sentinel_manager, Sentinel):
+                pool.sentinel_manager.close()
 
 
 def _check_database_cache(alias: str) -> list[CheckMessage]:

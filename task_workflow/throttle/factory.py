@@ -48,13 +48,23 @@ def get_backend(alias: str | None = None) -> ThrottleBackend:
     return backend
 
 
+def cache_redis_client(cache: Any) -> Redis | None:
+    """The redis-py client a django-redis cache or Django's own Redis cache writes with
+    (its primary: on Sentinel, a client of the Sentinel-managed primary); ``None`` for
+    any other cache. Building it does not connect."""
+    if isinstance(cache, DjangoRedisCache):
+        return cache.client.get_client(write=True)
+    if isinstance(cache, BuiltinRedisCache):
+        return cache._cache.get_client(None, write=True)
+    return None
+
+
 def _build_backend(alias: str) -> ThrottleBackend:
     cache = caches[alias]
     key_prefix = str(cache.make_key("tw:throttle:"))
-    if isinstance(cache, DjangoRedisCache):
-        return _redis_backend(cache.client.get_client(write=True), key_prefix)
-    if isinstance(cache, BuiltinRedisCache):
-        return _redis_backend(cache._cache.get_client(None, write=True), key_prefix)
+    client = cache_redis_client(cache)
+    if client is not None:
+        return _redis_backend(client, key_prefix)
     if DatabaseCacheThrottleBackend.supports(cache):
         return DatabaseCacheThrottleBackend(cast(Any, cache), alias=alias)
     return CacheThrottleBackend(cache, alias=alias)

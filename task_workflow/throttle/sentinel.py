@@ -128,7 +128,8 @@ class PrimaryWatch:
                     "Throttle: could not ask Sentinel for the primary of %r (%s); "
                     "using the primary known so far",
                     self.pool.service_name,
-                    exc,
+                    # redis-py's message lists every Sentinel client's repr: the start is enough.
+                    f"{type(exc).__name__}: {str(exc)[:300]}",
                 )
             self._failing = True
         else:
