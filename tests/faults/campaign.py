@@ -251,10 +251,10 @@ class Database:
             autocommit=autocommit, connect_timeout=5,
         )  # fmt: skip
 
-    def create(self, fenced: list[str], python_path: str) -> None:
+    def create(self, fenced: list[str], python_path: str, cwd: Path) -> None:
         """Create the database, and in it the fenced resource's table (``resource.py``,
-        run by Django with ``python_path``: the code the holders run) with a row per name
-        in ``fenced``, and the write log."""
+        run by Django with ``python_path`` from ``cwd``: the code the holders run) with a
+        row per name in ``fenced``, and the write log."""
         from psycopg import sql
 
         with self.connect("postgres") as admin:
@@ -267,7 +267,7 @@ class Database:
         }
         done = subprocess.run(
             [sys.executable, "-m", "tests.faults.resource", *fenced],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if done.returncode != 0:
             raise CampaignError(f"creating the fenced resource failed:\n{done.stdout}{done.stderr}")
@@ -412,7 +412,9 @@ class Campaign:
         self.dir.mkdir(parents=True)
         (self.dir / "records").mkdir()
         self.topology.create()
-        self.database.create([g.key for g in self.config.groups if g.fenced], self.python_path)
+        self.database.create(
+            [g.key for g in self.config.groups if g.fenced], self.python_path, self.holder_cwd
+        )
         self._database_created = True
         self.start_services()
         pending = [
@@ -491,10 +493,21 @@ class Campaign:
         )  # fmt: skip
         with holder.log_path.open("ab") as log:
             holder.process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=self.holder_cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.holders.append(holder)
         return holder
+
+    @property
+    def holder_cwd(self) -> Path:
+        """Where holders start: ``python -m`` puts it first on ``sys.path``, so it is
+        ``config.code_path`` when set (else this checkout's own ``task_workflow`` wins)."""
+        return self.config.code_path or ROOT
 
     @property
     def python_path(self) -> str:
