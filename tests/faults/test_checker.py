@@ -23,6 +23,7 @@ from tests.faults.checker import (
     repeated_tokens,
     token_regressions,
 )
+from tests.faults.failover import FailoverConfig, failover_failures
 
 
 def hold(pid: int, fence: int, start: float, end: float, *, group: str = "solo", **kw: Any) -> Hold:
@@ -200,3 +201,36 @@ def test_figures_per_kind_of_fault_cover_the_stretch_to_the_next_fault() -> None
     assert (switched.stale_refused, switched.stale_accepted) == (1, 0)
     assert switched.first_grants == [pytest.approx(0.1)]
     assert "primary-kill" in report.kind_table()
+
+
+def test_each_mode_is_judged_by_what_it_promises() -> None:
+    # Two believers of a limit-1 group right after a primary kill, none elsewhere.
+    kill = Fault("primary-kill", 10.0, 12.0, detail={"killed": 10.0, "failover": 2.0})
+    stop = Fault("sigkill", 20.0, 20.0)
+    holds = [
+        hold(1, 100, 9.0, 13.0, owner="a"),
+        hold(2, 101, 12.5, 14.0, owner="b", t_req=11.0),
+        hold(3, 102, 21.0, 22.0, owner="c", t_req=20.5),
+    ]
+    report = check([HolderLog("all", holds=holds)], [kill, stop], [], {"solo": 1})
+    assert failover_failures(report, FailoverConfig(replicas=0)) == []
+    assert failover_failures(report, FailoverConfig(replicas=1)) == [
+        "2 believers of solo (limit 1) during primary-kill"
+    ]
+    # Outside a failover the limit holds in mode 0 too; tokens and recovery in both.
+    late = [*holds, hold(4, 103, 21.5, 22.5, owner="d", t_req=21.2)]
+    report = check([HolderLog("all", holds=late)], [kill, stop], [], {"solo": 1})
+    assert failover_failures(report, FailoverConfig(replicas=0)) == [
+        "2 believers of solo (limit 1) during sigkill"
+    ]
+    repeated = [*holds, hold(4, 101, 30.0, 31.0, owner="d", t_req=29.0)]
+    report = check([HolderLog("all", holds=repeated)], [kill, stop], [], {"solo": 1})
+    assert failover_failures(report, FailoverConfig(replicas=0)) == [
+        "1 fencing tokens granted to two owners",
+        "1 fencing tokens below an earlier grant's",
+    ]
+    slow = [hold(1, 100, 9.0, 9.5, owner="a"), hold(2, 101, 15.5, 16.0, owner="b", t_req=11.0)]
+    report = check([HolderLog("all", holds=slow)], [kill], [], {"solo": 1})
+    assert [f.split(" after ")[0] for f in failover_failures(report, FailoverConfig())] == [
+        "grants resumed 5.50 s"
+    ]
