@@ -37,6 +37,7 @@ from task_workflow.throttle import (
     ThrottleUnavailable,
     get_backend,
 )
+from task_workflow.throttle.sentinel import PrimaryWatch
 from tests.redis_topology import SentinelTopology
 from tests.waiting import wait_until
 from tests.workers import ROOT
@@ -458,3 +459,67 @@ def test_after_an_orderly_failover_the_old_primary_stops_granting_within_a_secon
     else:
         assert window > 2.0  # why the watch is there
     assert_strictly_increasing(loop.grants)
+
+
+def test_sentinels_that_stop_answering_do_not_slow_the_throttle_down(
+    sentinel_topology: SentinelTopology, settings: Any
+) -> None:
+    """The primary watch asks Sentinel once a second; Sentinels that stop answering (all
+    paused: their sockets stay open, each question runs into the socket timeout) must
+    not hold the throttle calls to a primary that is fine."""
+    topology = sentinel_topology
+    use_lock_cache(settings, topology.django_cache(), THROTTLE_SOCKET_TIMEOUT=0.5)
+    name = f"tests.sentinel.{uuid.uuid4().hex[:8]}"
+    with throttle(key="region", name=name, wait=1):
+        pass  # connected, the primary known
+    for sentinel in topology.sentinels:
+        sentinel.pause()
+    slowest, grants = 0.0, 0
+    deadline = time.monotonic() + 3.5  # three of the watch's questions at least
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        with throttle(key="region", name=name, wait=1):
+            grants += 1
+        slowest = max(slowest, time.monotonic() - started)
+    print(f"Sentinels paused: {grants} grants in 3.5 s, the slowest acquire + release took {slowest:.3f} s")
+    assert slowest < 0.25
+
+
+class CountingPool:
+    """Stands in for a SentinelConnectionPool: counts the watch's questions, and fails
+    them when told to."""
+
+    service_name = "counted"
+
+    def __init__(self) -> None:
+        self.questions = 0
+        self.fail = False
+
+    def get_master_address(self) -> tuple[str, int]:
+        self.questions += 1
+        if self.fail:
+            raise redis.exceptions.ConnectionError("no Sentinel answers")
+        return ("127.0.0.1", 6379)
+
+
+def test_the_primary_watch_asks_at_most_once_per_interval_and_never_raises() -> None:
+    pool = CountingPool()
+    watch = PrimaryWatch(cast(SentinelConnectionPool, pool), interval=0.2)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:
+        watch()  # the callers of one process, as fast as they come
+    elapsed = time.monotonic() - started
+    wait_until(
+        lambda: not any(t.name == "task_workflow-primary-watch" for t in threading.enumerate()),
+        5,
+        "the watch",
+    )
+    assert 1 <= pool.questions <= elapsed / 0.2 + 1
+    pool.fail = True
+    questions = pool.questions
+
+    def asked_again() -> bool:
+        watch()  # raises nothing while its questions fail
+        return pool.questions > questions
+
+    wait_until(asked_again, 5, "a question that fails")

@@ -14,12 +14,13 @@ What that leaves out is an orderly failover (``SENTINEL FAILOVER``, or a managed
 service's switch): the old primary keeps answering as a primary for seconds after
 Sentinel promoted a replica (Sentinel demotes it only then), and connections that are
 already open keep writing to it; writes the new primary never sees. The
-:class:`PrimaryWatch` closes that window: before a throttle call it asks Sentinel for
-the primary's address, at most once per ``interval`` (a second) per process, through the
-pool's own :meth:`~redis.sentinel.SentinelConnectionPool.get_master_address`, which,
-when the address changed, disconnects the pool's idle connections (they reconnect to
-the new primary) and makes connections in use at that moment be dropped when they are
-given back.
+:class:`PrimaryWatch` closes that window: a throttle call has Sentinel asked for the
+primary's address, at most once per ``interval`` (a second) per process and in a thread
+of its own (the call does not wait for the answer), through the pool's own
+:meth:`~redis.sentinel.SentinelConnectionPool.get_master_address`, which, when the
+address changed, disconnects the pool's idle connections (they reconnect to the new
+primary) and makes connections in use at that moment be dropped when they are given
+back.
 """
 
 from __future__ import annotations
@@ -92,13 +93,17 @@ def throttle_sentinel_pool(pool: SentinelConnectionPool, timeout: float) -> Sent
 
 class PrimaryWatch:
     """Called before each throttle call on a Sentinel-managed primary: at most once per
-    ``interval`` seconds per process it asks Sentinel where the primary is (the pool's
-    ``get_master_address()``: when the address changed, the pool disconnects its idle
-    connections, and drops those in use when they are given back).
+    ``interval`` seconds per process it has Sentinel asked where the primary is (the
+    pool's ``get_master_address()``: when the address changed, the pool disconnects its
+    idle connections, and drops those in use when they are given back).
 
-    Only one thread asks at a time; the others go on at once. A Sentinel that cannot be
-    reached is not a throttle failure by itself (the primary may be fine): it is logged,
-    and the call goes on to the primary the pool knows.
+    The question runs in a short-lived thread of its own and the throttle call does not
+    wait for it: Sentinels that stop answering would otherwise hold a throttle call once a
+    second for one socket timeout per Sentinel (measured: 3.0 s with three paused
+    Sentinels and a 0.5 s timeout). A Sentinel that cannot be reached is not a throttle
+    failure by itself (the primary may be fine): it is logged, and calls go on to the
+    primary the pool knows. One question at a time: while one is unanswered, no other
+    starts.
     """
 
     def __init__(self, pool: SentinelConnectionPool, interval: float = 1.0) -> None:
@@ -107,6 +112,7 @@ class PrimaryWatch:
         self._next_check = 0.0
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._asking: threading.Thread | None = None
         self._failing = False
 
     def __call__(self) -> None:
@@ -117,10 +123,21 @@ class PrimaryWatch:
             # A forked child: the lock may have been held by a thread that is not here.
             self._lock = threading.Lock()
             self._pid = os.getpid()
+            self._asking = None
         if not self._lock.acquire(blocking=False):
-            return  # another thread is asking right now
+            return  # another thread is starting the question right now
         try:
+            if now < self._next_check or (self._asking is not None and self._asking.is_alive()):
+                return
             self._next_check = now + self.interval
+            self._asking = threading.Thread(target=self.ask, name="task_workflow-primary-watch", daemon=True)
+            self._asking.start()
+        finally:
+            self._lock.release()
+
+    def ask(self) -> None:
+        """Ask Sentinel for the primary now (in the calling thread); log a failure."""
+        try:
             self.pool.get_master_address()
         except (RedisError, OSError) as exc:
             if not self._failing:
@@ -136,5 +153,3 @@ class PrimaryWatch:
             if self._failing:
                 logger.info("Throttle: Sentinel answers again for %r", self.pool.service_name)
             self._failing = False
-        finally:
-            self._lock.release()
