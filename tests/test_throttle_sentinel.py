@@ -42,7 +42,12 @@ from tests.redis_topology import SentinelTopology
 from tests.waiting import wait_until
 from tests.workers import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH")
+pytestmark = [
+    # Redis servers of the tests' own; nothing here depends on the database, so the suite's
+    # second pass on SQLite (which skips ``services``) need not run them again.
+    pytest.mark.services,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on the PATH"),
+]
 
 
 @pytest.fixture
