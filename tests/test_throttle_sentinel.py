@@ -460,9 +460,10 @@ def test_after_an_orderly_failover_the_old_primary_stops_granting_within_a_secon
         f"{demoted_at - failover_at:.2f} s after it and granted until {window:+.2f} s from the switch"
     )
     if watch:
-        assert window < 1.5
+        # The watch's interval (1 s), plus a loaded machine's scheduling.
+        assert window < 2.0
     else:
-        assert window > 2.0  # why the watch is there
+        assert window > 4.0  # why the watch is there
     assert_strictly_increasing(loop.grants)
 
 
@@ -487,7 +488,8 @@ def test_sentinels_that_stop_answering_do_not_slow_the_throttle_down(
             grants += 1
         slowest = max(slowest, time.monotonic() - started)
     print(f"Sentinels paused: {grants} grants in 3.5 s, the slowest acquire + release took {slowest:.3f} s")
-    assert slowest < 0.25
+    # Below one socket timeout: no call waited for a Sentinel's question.
+    assert slowest < 0.4
 
 
 class CountingPool:
