@@ -590,7 +590,11 @@ class SentinelTopology:
 
     def django_cache(self, db: int = 0, **options: Any) -> dict[str, Any]:
         """A ``CACHES`` entry for this topology as django-redis documents Sentinel;
-        ``options`` are added to (or replace) its ``OPTIONS``."""
+        ``options`` are added to (or replace) its ``OPTIONS``.
+
+        django-redis keeps one connection pool per ``LOCATION`` per process (its
+        ``ConnectionFactory._pools``): topologies used one after the other in one process
+        need service names of their own, or a later one gets an earlier one's pool."""
         return {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": f"redis://{self.service}/{db}",
