@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +141,7 @@ class FailoverCampaign(Campaign):
         return super().describe_state() + "\ntopology:\n" + self.sentinel.describe()
 
     # Faults --------------------------------------------------------------------------
-    def fault_handlers(self) -> dict[str, Any]:
+    def fault_handlers(self) -> dict[str, Callable[[], Fault]]:
         return {
             **super().fault_handlers(),
             "primary-kill": self.fault_primary_kill,
