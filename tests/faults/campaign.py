@@ -32,6 +32,10 @@ Fault kinds:
   server that its lease is gone, so only the restart grace keeps the new server from
   granting its slot while it still believes;
 - ``latency``: delay one host's Redis traffic by 50-200 ms per direction for a while.
+
+``failover.py`` runs the same campaign on a primary, two replicas and three Sentinels
+(``FailoverCampaign``: the hooks ``start_services``, ``holder_env``, ``fault_handlers``
+and ``judge`` are what it overrides).
 """
 
 from __future__ import annotations
