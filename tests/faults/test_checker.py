@@ -229,8 +229,8 @@ def test_each_mode_is_judged_by_what_it_promises() -> None:
         "1 fencing tokens granted to two owners",
         "1 fencing tokens below an earlier grant's",
     ]
-    slow = [hold(1, 100, 9.0, 9.5, owner="a"), hold(2, 101, 15.5, 16.0, owner="b", t_req=11.0)]
+    slow = [hold(1, 100, 9.0, 9.5, owner="a"), hold(2, 101, 16.5, 17.0, owner="b", t_req=11.0)]
     report = check([HolderLog("all", holds=slow)], [kill], [], {"solo": 1})
     assert [f.split(" after ")[0] for f in failover_failures(report, FailoverConfig())] == [
-        "grants resumed 5.50 s"
+        "grants resumed 6.50 s"
     ]
