@@ -23,7 +23,10 @@ Fault kinds, besides the holders' ``sigkill``, ``sigstop`` and ``cut`` of ``camp
   no grant can complete, the campaign then goes on after ``lagging_grant_wait``),
   SIGKILL the primary, SIGCONT the replicas: the replica Sentinel promotes missed that
   grant (``detail["missed_bytes"]``: the primary's replication stream written after the
-  links were closed).
+  links were closed);
+- ``one-lagging-failover``: the same with one replica paused (chosen by the seed): the
+  other one reconnects and gets (with mode 1: acknowledges) the grant, and Sentinel must
+  promote it, the replica with the most data, not the one that missed the grant.
 
 Each failover's ``Fault`` runs from the kill (or the failover command, or the pause) to
 the new primary's promotion (``end``; an orderly failover: to the old primary's
@@ -46,7 +49,7 @@ from tests.faults.proxy import RouteSpec
 from tests.redis_topology import RedisNode, SentinelTopology
 
 #: The failovers this campaign adds.
-FAILOVER_KINDS = ("primary-kill", "orderly-failover", "lagging-failover")
+FAILOVER_KINDS = ("primary-kill", "orderly-failover", "lagging-failover", "one-lagging-failover")
 #: Faults of holders, from the fault campaign, that a failover run adds to them.
 HOLDER_KINDS = ("sigkill", "sigstop", "cut")
 
@@ -149,7 +152,8 @@ class FailoverCampaign(Campaign):
             **super().fault_handlers(),
             "primary-kill": self.fault_primary_kill,
             "orderly-failover": self.fault_orderly_failover,
-            "lagging-failover": self.fault_lagging_failover,
+            "lagging-failover": lambda: self.fault_lagging_failover(paused_replicas=2),
+            "one-lagging-failover": lambda: self.fault_lagging_failover(paused_replicas=1),
         }
 
     def _await_fenced_hold(self) -> None:
@@ -185,18 +189,21 @@ class FailoverCampaign(Campaign):
         del detail["killed"]  # nothing was killed: recovery counts from the command
         return Fault("orderly-failover", asked, demoted, detail=detail)
 
-    def fault_lagging_failover(self) -> Fault:
+    def fault_lagging_failover(self, paused_replicas: int) -> Fault:
+        """``lagging-failover`` (both replicas paused) or ``one-lagging-failover`` (one)."""
         fenced = {g.key for g in self.config.groups if g.fenced}
         # Pause when a fenced hold is about to end: its slot goes to a waiter (or a
         # newcomer) while the replicas miss it.
         self._pick(lambda h: h.holding and h.group in fenced and h.until - time.monotonic() < 0.3, 10.0)
         old = self.sentinel.current_primary()
         replicas = [node for node in self.sentinel.nodes if node is not old]
+        lagging = self.rng.sample(replicas, paused_replicas)
         paused = time.monotonic()
-        for replica in replicas:
+        for replica in lagging:
             replica.pause()
         try:
             with old.client() as client:
+                # A replica still running reconnects at once (a partial resync).
                 client.client_kill_filter(_type="replica")
                 cut_offset = int(client.info("replication")["master_repl_offset"])
             links_cut = time.monotonic()
@@ -211,13 +218,13 @@ class FailoverCampaign(Campaign):
             try:
                 granted = wait_until(granted_since_cut, self.config.lagging_grant_wait, "a grant", 0.005)
             except CampaignError:
-                granted = None  # mode 1: no grant completes without a replica's acknowledgement
+                granted = None  # none in time (every replica paused in mode 1: none can complete)
             with old.client() as client:
                 kill_offset = int(client.info("replication")["master_repl_offset"])
             killed = time.monotonic()
             old.kill()
         finally:
-            for replica in replicas:
+            for replica in lagging:
                 replica.resume()
         new = self.sentinel.wait_for_failover(old)
         promoted = time.monotonic()
@@ -225,8 +232,10 @@ class FailoverCampaign(Campaign):
         detail = self._detail(killed, promoted, old, new) | {
             "granted": None if granted is None else round(granted - links_cut, 3),
             "missed_bytes": kill_offset - cut_offset,
+            "lagging": [node.name for node in lagging],
         }
-        return Fault("lagging-failover", paused, promoted, detail=detail)
+        kind = "lagging-failover" if paused_replicas == len(replicas) else "one-lagging-failover"
+        return Fault(kind, paused, promoted, detail=detail)
 
     @staticmethod
     def _detail(killed: float, promoted: float, old: RedisNode, new: RedisNode) -> dict[str, Any]:
