@@ -92,8 +92,9 @@ def _run_suite(session: nox.Session, session_id: str, redis_db: int) -> None:
         "import django, celery, redis, django_redis; print(django.get_version(), "
         "celery.__version__, redis.__version__, django_redis.__version__)",
     )
-    # The failover campaign tests Redis failovers, not Python or Django versions: `make test`
-    # runs it once (the Sentinel tests of the factory and checks run in every session).
+    # Failovers on a Redis topology (the failover campaign, Sentinel failovers) test Redis,
+    # not Python or Django versions: `make test` runs them once; the Sentinel tests of the
+    # factory and the checks run in every session.
     marks = "not campaign and not failover_campaign"
     session.run("pytest", "-p", "no:cacheprovider", "-m", marks, *session.posargs, env=env)
 

@@ -19,6 +19,8 @@ import pytest
 import redis
 from django.conf import settings
 from django.test import override_settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import task_workflow.throttle as throttle_module
 from task_workflow.throttle import ThrottleTimeout, ThrottleUnavailable, throttle
@@ -203,7 +205,10 @@ def test_a_release_that_failed_during_an_outage_goes_through_once_the_store_is_b
     """The holder still knows its token: once the store answers again the slot is freed
     (and handed to a waiter), not a whole lease later (the first version kept the group
     blocked for the lease: 60 s by default)."""
-    client = redis.Redis(port=own_server.port, socket_timeout=0.3, socket_connect_timeout=0.3)
+    # No retries with backoff (redis-py's default: three, 1 + 2 + 4 s): one timeout fails.
+    client = redis.Redis(
+        port=own_server.port, socket_timeout=0.3, socket_connect_timeout=0.3, retry=Retry(NoBackoff(), 0)
+    )
     backend = RedisThrottleBackend(client, "tw:", restart_grace=0)
     group = unique_group()
     granted = backend.acquire(group, "A", 1, 30.0, meta(group))
@@ -222,9 +227,11 @@ def test_a_release_that_failed_during_an_outage_goes_through_once_the_store_is_b
     assert lease not in lease_renewer.held()
 
 
-def test_a_retried_release_stops_once_the_lease_would_have_lapsed(own_server):
+def test_a_retried_release_stops_once_the_lease_would_have_lapsed(own_server, monkeypatch):
     """A store that stays away: the retries end when the lease would have run out anyway
     (the store frees it itself), so a dead store does not keep the renewer busy forever."""
+    # Slack for one call's timeout: this client's (0.2 s), not the default 5 s.
+    monkeypatch.setattr(lease_renewer, "RELEASE_RETRY_SLACK", 0.2)
     client = redis.Redis(port=own_server.port, socket_timeout=0.2, socket_connect_timeout=0.2)
     backend = RedisThrottleBackend(client, "tw:", restart_grace=0)
     group = unique_group()
@@ -233,7 +240,7 @@ def test_a_retried_release_stops_once_the_lease_would_have_lapsed(own_server):
                   valid_until=time.monotonic() + 0.9)  # fmt: skip
     own_server.kill()
     assert lease.release() is False
-    wait_until(lambda: lease not in lease_renewer.pending_releases(), timeout=10, what="the retries to end")
+    wait_until(lambda: lease not in lease_renewer.pending_releases(), timeout=5, what="the retries to end")
 
 
 def test_the_waiter_of_a_failed_release_gets_the_slot_after_the_outage(own_server, fresh_backends):

@@ -86,6 +86,7 @@ def test_a_started_topology_is_in_sync_and_known_to_every_sentinel(topology: Sen
         assert (master["num-slaves"], master["num-other-sentinels"]) == (2, 2)
 
 
+@pytest.mark.failover_campaign
 def test_sigkill_of_the_primary_then_orderly_failover_each_promote_a_replica(
     topology: SentinelTopology,
 ) -> None:
@@ -236,6 +237,7 @@ def run_loops(cache: dict[str, Any], processes: int, seconds: float) -> list[dic
     return results
 
 
+@pytest.mark.failover_campaign
 def test_several_processes_grant_and_release_on_sentinel(sentinel_topology: SentinelTopology) -> None:
     """The issue's first reproduction (6 processes for 8 s: 0 grants, 33 x "Name or
     service not known" on an older build): every process gets grants, none an error."""
@@ -378,6 +380,7 @@ def assert_strictly_increasing(grants: list[Grant]) -> None:
     )
 
 
+@pytest.mark.failover_campaign
 def test_after_sigkill_of_the_primary_grants_resume_on_the_promoted_replica(
     sentinel_topology: SentinelTopology, settings: Any
 ) -> None:
@@ -409,6 +412,7 @@ def seq_key(group_name: str) -> bytes:
     return backend._keys(SlotGroup(group_name, "region"))[5]
 
 
+@pytest.mark.failover_campaign
 @pytest.mark.parametrize("watch", [True, False], ids=["with-primary-watch", "without-primary-watch"])
 def test_after_an_orderly_failover_the_old_primary_stops_granting_within_a_second(
     sentinel_topology: SentinelTopology, settings: Any, watch: bool
