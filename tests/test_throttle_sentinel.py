@@ -537,3 +537,35 @@ def test_the_primary_watch_asks_at_most_once_per_interval_and_never_raises() -> 
         return pool.questions > questions
 
     wait_until(asked_again, 5, "a question that fails")
+
+
+class SlowPool(CountingPool):
+    """Answers after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.answered = threading.Event()
+
+    def get_master_address(self) -> tuple[str, int]:
+        time.sleep(self.delay)  # the Sentinel's answer time is what is tested
+        address = super().get_master_address()
+        self.answered.set()
+        return address
+
+
+def test_the_call_that_asks_waits_for_a_quick_answer_and_not_for_a_slow_one() -> None:
+    """A quick answer is in before the call goes on (so a process quiet through an orderly
+    failover sends its first call to the new primary); a slow one holds the call for
+    ``answer_wait`` at most."""
+    quick = SlowPool(0.01)
+    PrimaryWatch(cast(SentinelConnectionPool, quick), answer_wait=0.5)()
+    assert quick.answered.is_set()
+
+    slow = SlowPool(1.0)
+    started = time.monotonic()
+    PrimaryWatch(cast(SentinelConnectionPool, slow), answer_wait=0.1)()
+    waited = time.monotonic() - started
+    assert not slow.answered.is_set()
+    assert 0.1 <= waited < 0.5
+    slow.answered.wait(5)

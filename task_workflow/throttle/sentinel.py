@@ -97,18 +97,23 @@ class PrimaryWatch:
     pool's ``get_master_address()``: when the address changed, the pool disconnects its
     idle connections, and drops those in use when they are given back).
 
-    The question runs in a short-lived thread of its own and the throttle call does not
-    wait for it: Sentinels that stop answering would otherwise hold a throttle call once a
-    second for one socket timeout per Sentinel (measured: 3.0 s with three paused
-    Sentinels and a 0.5 s timeout). A Sentinel that cannot be reached is not a throttle
+    The question runs in a short-lived thread of its own, and the call that started it
+    waits for the answer ``answer_wait`` seconds at most (0.1 s; Sentinel answers within a
+    millisecond or two): so the first call of a process that was quiet through an orderly
+    failover goes to the new primary, not to the old one that still answers (where, in
+    mode 0, a release was lost with the old primary's writes and the slot stayed taken
+    for a lease), while Sentinels that stop answering cannot hold a throttle call for one
+    socket timeout per Sentinel (measured: 3.0 s with three paused Sentinels and a 0.5 s
+    timeout, when the call waited for the whole question). A Sentinel that cannot be reached is not a throttle
     failure by itself (the primary may be fine): it is logged, and calls go on to the
     primary the pool knows. One question at a time: while one is unanswered, no other
     starts.
     """
 
-    def __init__(self, pool: SentinelConnectionPool, interval: float = 1.0) -> None:
+    def __init__(self, pool: SentinelConnectionPool, interval: float = 1.0, answer_wait: float = 0.1) -> None:
         self.pool = pool
         self.interval = interval
+        self.answer_wait = answer_wait
         self._next_check = 0.0
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -130,10 +135,13 @@ class PrimaryWatch:
             if now < self._next_check or (self._asking is not None and self._asking.is_alive()):
                 return
             self._next_check = now + self.interval
-            self._asking = threading.Thread(target=self.ask, name="task_workflow-primary-watch", daemon=True)
-            self._asking.start()
+            asking = self._asking = threading.Thread(
+                target=self.ask, name="task_workflow-primary-watch", daemon=True
+            )
+            asking.start()
         finally:
             self._lock.release()
+        asking.join(self.answer_wait)
 
     def ask(self) -> None:
         """Ask Sentinel for the primary now (in the calling thread); log a failure."""
