@@ -161,6 +161,21 @@ def redis_client(url: str = REDIS_URL, *, flush: bool = False) -> Any:
 Op = Callable[[int], Any]
 
 
+def acquire_metadata(task_name: str, key: str | None, ttl: float) -> dict[str, Any]:
+    """The metadata a throttle sends with an acquire, for benchmarks that call a backend
+    directly (the same fields, so the scripts store as much as in real use)."""
+    return {
+        "task_name": task_name,
+        "key": key,
+        "concurrency": 1,
+        "task_id": None,
+        "hostname": "bench-host",
+        "pid": os.getpid(),
+        "ttl": ttl,
+        "acquired_at": time.time(),
+    }
+
+
 def interleaved(
     variants: Mapping[str, Op],
     *,

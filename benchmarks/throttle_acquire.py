@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import uuid
@@ -66,16 +65,7 @@ def make_variants(client: Any) -> dict[str, Callable[[int], None]]:
 
     def backend_op(i: int) -> None:
         token = uuid.uuid4().hex
-        metadata = {
-            "task_name": group.task_name,
-            "key": group.key,
-            "concurrency": 1,
-            "task_id": None,
-            "hostname": "bench-host",
-            "pid": os.getpid(),
-            "ttl": ttl,
-            "acquired_at": time.time(),
-        }
+        metadata = harness.acquire_metadata(group.task_name, group.key, ttl)
         result = backend.acquire(group, token, 1, ttl, metadata)
         assert result.acquired
         backend.release(group, token, result.slot)

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,16 +78,7 @@ def make_variants(client: Any) -> dict[str, Callable[[int], None]]:
             i: int, backend: RedisThrottleBackend = backend, group: SlotGroup = group
         ) -> None:
             token = uuid.uuid4().hex
-            metadata = {
-                "task_name": group.task_name,
-                "key": group.key,
-                "concurrency": 1,
-                "task_id": None,
-                "hostname": "bench-host",
-                "pid": os.getpid(),
-                "ttl": ttl,
-                "acquired_at": time.time(),
-            }
+            metadata = harness.acquire_metadata(group.task_name, group.key, ttl)
             result = backend.acquire(group, token, 1, ttl, metadata)
             assert result.acquired
             assert backend.release(group, token, result.slot)
