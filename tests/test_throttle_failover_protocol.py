@@ -25,7 +25,7 @@ from redis.retry import Retry
 import task_workflow.throttle as throttle_module
 from task_workflow.throttle import ThrottleTimeout, ThrottleUnavailable, throttle
 from task_workflow.throttle.base import SlotGroup
-from task_workflow.throttle.lease import Lease, lease_renewer
+from task_workflow.throttle.lease import Lease, LeaseRenewer, lease_renewer
 from task_workflow.throttle.redis_backend import RedisThrottleBackend
 from tests.waiting import wait_until
 from tests.workers import RedisServer, free_port
@@ -265,3 +265,36 @@ def test_the_waiter_of_a_failed_release_gets_the_slot_after_the_outage(own_serve
         took = time.monotonic() - resumed_at
         waiter.release()
         assert took < 3, f"the waiter got the slot {took:.1f} s after the store came back"
+
+
+class DeadStore:
+    """A backend whose releases all fail (a store that is down), counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def release(self, group: SlotGroup, token: str, slot: str = "") -> bool:
+        self.calls += 1
+        raise redis.exceptions.ConnectionError("the store is down")
+
+
+def test_many_pending_releases_to_a_dead_store_cost_one_call_per_period():
+    """Every task re-queued while the store is down leaves a give-back to retry; the
+    renewer must not send each of them every period (one hanging call per release would
+    hold the thread that renews the live leases): one call per store and period."""
+    renewer = LeaseRenewer()
+    store = DeadStore()
+    leases = [
+        Lease(backend=store, group=unique_group(), token=f"t{i}", slot="", ttl=30.0, released=True)
+        for i in range(20)
+    ]
+    started = time.monotonic()
+    for lease in leases:
+        renewer.retry_release(lease)
+    wait_until(lambda: store.calls >= 3, timeout=5, what="three retries")
+    elapsed = time.monotonic() - started
+    periods = elapsed / renewer.RELEASE_RETRY_PERIOD
+    assert store.calls <= periods + 2, f"{store.calls} calls in {elapsed:.2f} s"
+    assert len(renewer.pending_releases()) == 20
+    for lease in leases:
+        renewer.discard(lease)

@@ -153,6 +153,10 @@ class LeaseRenewer:
         self._busy_since: float | None = None
         #: How many times a thread was replaced (diagnostics, tests).
         self.restarts = 0
+        #: Stores (by ``id`` of the backend) whose last release retry failed, and until
+        #: when (``time.monotonic()``) the other pending releases to them wait without a
+        #: call: one failing call per store and period, however many releases are pending.
+        self._failing_stores: dict[int, float] = {}
 
     def add(self, lease: Lease, *, renew_now: bool = False) -> None:
         """Renew ``lease`` every ``ttl / 3`` from now on; first at once with ``renew_now``
@@ -319,18 +323,26 @@ class LeaseRenewer:
         self._give_up(lease)
 
     def _release_again(self, lease: Lease) -> None:
-        if time.monotonic() > lease.release_retry_until:
+        now = time.monotonic()
+        if now > lease.release_retry_until:
             self.discard(lease)
             logger.warning(
                 "Throttle slot of %s: release still failing; the store frees it itself", lease.group
             )
             return
+        store = id(lease.backend)
+        failing_until = self._failing_stores.get(store, 0.0)
+        if now < failing_until:
+            self._reschedule(lease, failing_until - now)  # its store just failed another one
+            return
         try:
             lease.backend.release(lease.group, lease.token, lease.slot)
         except Exception as exc:
             logger.debug("Throttle slot of %s: release failed again (%s)", lease.group, exc)
+            self._failing_stores[store] = time.monotonic() + self.RELEASE_RETRY_PERIOD
             self._reschedule(lease, self.RELEASE_RETRY_PERIOD)
             return
+        self._failing_stores.pop(store, None)
         self.discard(lease)
         logger.info("Throttle slot of %s released after the store came back", lease.group)
 
