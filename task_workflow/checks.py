@@ -518,7 +518,9 @@ def _probe_info(alias: str, timeout: float, replicas: int) -> dict[str, Any]:
             pool = client.connection_pool
             pool.disconnect()
             if isinstance(pool, SentinelConnectionPool) and isinstance(pool.sentinel_manager, Sentinel):
-                pool.sentinel_manager.close()
+                # Each Sentinel's client (Sentinel.close() is missing from redis-py 6.4).
+                for sentinel_client in pool.sentinel_manager.sentinels:
+                    sentinel_client.close()
 
 
 def _check_database_cache(alias: str) -> list[CheckMessage]:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -222,6 +224,11 @@ class SentinelTopology:
         self.min_replicas_to_write = min_replicas_to_write
         self.redis_config = tuple(redis_config)
         self.quorum = sentinels // 2 + 1
+        #: Where the nodes' Unix sockets are: ``workdir``, or a short directory of its own
+        #: when ``workdir``'s path is too long for one (pytest's under a nox session's).
+        self.socket_dir = self.workdir
+        if len(str(self.workdir / "sentinel-99.sock")) > MAX_UNIX_SOCKET_PATH:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="tw-topology-"))
         #: Ports were given: a port in use is an error, not a reason to pick another one.
         self._fixed_ports = ports is not None
         port_list = list(ports) if ports is not None else [free_port() for _ in range(count)]
@@ -233,9 +240,7 @@ class SentinelTopology:
         self._primary = self.nodes[0]
 
     def _node(self, name: str, port: int) -> RedisNode:
-        unix_socket = self.workdir / f"{name}.sock"
-        if len(str(unix_socket)) > MAX_UNIX_SOCKET_PATH:
-            raise ValueError(f"workdir path too long for a Unix socket: {unix_socket}")
+        unix_socket = self.socket_dir / f"{name}.sock"
         return RedisNode(
             name=name,
             port=port,
@@ -341,6 +346,7 @@ class SentinelTopology:
         """Start every process; return once every replica is in sync with the primary and
         every Sentinel knows the primary, every replica and every other Sentinel."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
         try:
             primary = self._primary
             self._start_node(primary)
@@ -358,6 +364,8 @@ class SentinelTopology:
         """Kill every process (SIGKILL; a paused one too) and wait for each to exit."""
         for node in [*self.sentinels, *self.nodes]:
             node.kill()
+        if self.socket_dir != self.workdir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> SentinelTopology:
         self.start()
@@ -456,7 +464,8 @@ class SentinelTopology:
                 continue
             client = sentinel.client()
             try:
-                master = cast(dict[str, Any], client.sentinel_master(self.service))
+                # execute_command: redis-py 6.4 (the floor) breaks sentinel_master() on a plain client
+                master = cast(dict[str, Any], client.execute_command("SENTINEL MASTER", self.service))
                 listed = client.sentinel_slaves(self.service)
             except redis.exceptions.RedisError:
                 return False
@@ -490,7 +499,7 @@ class SentinelTopology:
                 continue
             client = sentinel.client()
             try:
-                address = cast(Any, client.sentinel_get_master_addr_by_name(self.service))
+                address = cast(Any, client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service))
             except redis.exceptions.RedisError:
                 continue
             finally:
@@ -510,7 +519,7 @@ class SentinelTopology:
                 continue
             client = sentinel.client()
             try:
-                master = cast(dict[str, Any], client.sentinel_master(self.service))
+                master = cast(dict[str, Any], client.execute_command("SENTINEL MASTER", self.service))
             except redis.exceptions.RedisError:
                 continue
             finally:

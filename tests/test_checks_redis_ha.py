@@ -10,6 +10,7 @@ message says), on Redis servers and a Sentinel topology the tests start.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -45,9 +46,24 @@ def lock_cache_settings(config: dict[str, Any], **throttle_settings: Any) -> dic
     }
 
 
+@contextlib.contextmanager
+def lock_cache(config: dict[str, Any], **throttle_settings: Any) -> Iterator[None]:
+    """``override_settings`` with ``config`` as the lock cache (alias ``locks``), which is
+    forgotten before the settings are restored: django-redis 5.4 (the floor) builds its
+    client in ``close()``, which raises for the set-ups these tests break on purpose, and
+    Django's handler of the settings change would then stop before it forgets the caches,
+    leaving this one to the next tests."""
+    with override_settings(**lock_cache_settings(config, **throttle_settings)):
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError):  # never used: nothing to forget
+                del caches["locks"]
+
+
 def messages(config: dict[str, Any], **throttle_settings: Any) -> list[CheckMessage]:
     """Every task_workflow cache and settings check's messages for that lock cache."""
-    with override_settings(**lock_cache_settings(config, **throttle_settings)):
+    with lock_cache(config, **throttle_settings):
         return check_settings() + check_lock_cache() + check_lock_cache_server()
 
 
@@ -103,7 +119,7 @@ def test_sentinel_client_without_the_sentinel_factory_is_e010_and_the_cache_fail
     assert (type(message), message.id) == (Error, "task_workflow.E010")
     assert "ImproperlyConfigured" in message.msg
     assert SENTINEL_FACTORY in str(message.hint)
-    with override_settings(**lock_cache_settings(config)), pytest.raises(ImproperlyConfigured):
+    with lock_cache(config), pytest.raises(ImproperlyConfigured):
         caches["locks"].set("key", 1)
 
 
@@ -115,7 +131,7 @@ def test_sentinels_without_the_sentinel_factory_is_e010_the_service_name_taken_f
     assert message.id == "task_workflow.E010"
     assert repr(service) in message.msg
     assert "host name" in message.msg
-    with override_settings(**lock_cache_settings(config)):
+    with lock_cache(config):
         with pytest.raises(redis.exceptions.ConnectionError):
             caches["locks"].set("key", 1)
         with pytest.raises(ThrottleUnavailable):
@@ -141,7 +157,7 @@ def test_sentinels_that_are_not_host_port_pairs_are_e011_and_the_cache_fails(
     [message] = messages(config)
     assert (type(message), message.id) == (Error, "task_workflow.E011")
     assert "(host, port)" in message.msg
-    with override_settings(**lock_cache_settings(config)), pytest.raises(failure):
+    with lock_cache(config), pytest.raises(failure):
         caches["locks"].set("key", 1)
 
 
@@ -155,7 +171,7 @@ def test_a_pool_class_that_does_not_ask_sentinel_is_e012_and_the_cache_fails() -
     )
     [message] = messages(config)
     assert message.id == "task_workflow.E012"
-    with override_settings(**lock_cache_settings(config)), pytest.raises(ImproperlyConfigured):
+    with lock_cache(config), pytest.raises(ImproperlyConfigured):
         caches["locks"].set("key", 1)
 
 
@@ -166,7 +182,7 @@ def test_pairs_as_lists_and_digit_ports_are_accepted() -> None:
     config = sentinel_cache(
         unique_service(), sentinels, CLIENT_CLASS=SENTINEL_CLIENT, CONNECTION_FACTORY=SENTINEL_FACTORY
     )
-    with override_settings(**lock_cache_settings(config, THROTTLE_SOCKET_TIMEOUT=0.2)):
+    with lock_cache(config, THROTTLE_SOCKET_TIMEOUT=0.2):
         assert check_settings() + check_lock_cache() == []
 
 
@@ -179,7 +195,7 @@ def test_the_documented_sentinel_setup_passes_every_check_and_grants(topology: S
     assert messages(config, THROTTLE_RESTART_GRACE=5) == []
     name = f"tests.checks.{uuid.uuid4().hex[:8]}"
     with (
-        override_settings(**lock_cache_settings(config, THROTTLE_RESTART_GRACE=0)),
+        lock_cache(config, THROTTLE_RESTART_GRACE=0),
         throttle(name=name) as lease,
     ):
         assert lease.fencing_token > 0
@@ -203,11 +219,14 @@ def test_a_replica_pool_as_the_lock_cache_is_e013_and_every_throttle_call_fails(
     [message] = messages(config)
     assert (type(message), message.id) == (Error, "task_workflow.E013")
     assert "READONLY" in message.msg
-    with override_settings(**lock_cache_settings(config, THROTTLE_RESTART_GRACE=0)):
-        with pytest.raises(redis.exceptions.ReadOnlyError):
-            caches["locks"].set("key", 1)
-        with pytest.raises(ThrottleUnavailable, match="read only replica"):
-            throttle(name=f"tests.checks.{uuid.uuid4().hex[:8]}", wait=0).acquire()
+    # What the check predicts is the throttle's failure. (The cache's own writes fail too
+    # on django-redis 7; django-redis 5.4 marks its pool a replica's after building it,
+    # too late for redis-py to connect to one, so they go to the primary there.)
+    with (
+        lock_cache(config, THROTTLE_RESTART_GRACE=0),
+        pytest.raises(ThrottleUnavailable, match="read only replica"),
+    ):
+        throttle(name=f"tests.checks.{uuid.uuid4().hex[:8]}", wait=0).acquire()
 
 
 @needs_redis_server
@@ -280,7 +299,7 @@ def test_a_replicas_timeout_below_the_socket_timeout_passes() -> None:
 )
 def test_replicas_on_a_lock_cache_that_is_not_redis_is_e015(backend: str) -> None:
     config = {"BACKEND": backend, "LOCATION": "tw_checks_unused", "OPTIONS": {"MAX_ENTRIES": 1_000_000}}
-    with override_settings(**lock_cache_settings(config, THROTTLE_REPLICAS=1)):
+    with lock_cache(config, THROTTLE_REPLICAS=1):
         found = check_lock_cache()
     assert "task_workflow.E015" in ids(found)
 
@@ -355,7 +374,7 @@ def test_info_refused_without_a_restart_grace_passes_and_grants(acl_server: Sent
     assert messages(config, THROTTLE_RESTART_GRACE=0) == []
     name = f"tests.checks.{uuid.uuid4().hex[:8]}"
     with (
-        override_settings(**lock_cache_settings(config, THROTTLE_RESTART_GRACE=0)),
+        lock_cache(config, THROTTLE_RESTART_GRACE=0),
         throttle(name=name) as lease,
     ):
         assert lease.fencing_token > 0
@@ -397,5 +416,5 @@ def test_the_server_check_asks_nothing_when_nothing_needs_asking() -> None:
     """No restart grace and no durable mode: nothing to ask, so no warning even when the
     server is down (and no connection attempt)."""
     config = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": f"redis://127.0.0.1:{free_port()}/0"}
-    with override_settings(**lock_cache_settings(config, THROTTLE_RESTART_GRACE=0)):
+    with lock_cache(config, THROTTLE_RESTART_GRACE=0):
         assert check_lock_cache_server() == []

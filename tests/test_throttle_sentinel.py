@@ -82,7 +82,7 @@ def test_a_started_topology_is_in_sync_and_known_to_every_sentinel(topology: Sen
         assert (role[0], role[2]) == ("slave", primary.port)
     assert set(topology.replication_lag().values()) == {0}
     for sentinel in topology.sentinels:
-        master = cast(dict[str, Any], sentinel.client().sentinel_master(topology.service))
+        master = cast(dict[str, Any], sentinel.client().execute_command("SENTINEL MASTER", topology.service))
         assert (master["num-slaves"], master["num-other-sentinels"]) == (2, 2)
 
 

@@ -67,6 +67,13 @@ def _validate_seconds(name: str, value: Any, *, allow_none: bool) -> None:
         raise ValueError(f"throttle {name} must be a finite number of seconds >= 0, got {value!r}")
 
 
+#: Why a refusal inside the restart grace is one (the re-queue reason, the timeout's message).
+GRACE_REASON = (
+    "the lock cache's Redis started less than THROTTLE_RESTART_GRACE ago and grants nothing "
+    "until leases it may have forgotten have ended (restart grace)"
+)
+
+
 class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``@throttle(...)``
     """At most ``concurrency`` holders per slot group (task name, ``key``) anywhere.
 
@@ -198,14 +205,11 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
                 task, f"throttle {group}: slot store unreachable", ThrottleUnavailable
             ) from exc
         if not result.acquired:
-            why = f"all {self.concurrency} slots busy"
-            if result.reason == "restart grace":
-                why = (
-                    "the lock cache's Redis started less than THROTTLE_RESTART_GRACE ago and "
-                    "grants nothing until leases it may have forgotten have ended (restart grace)"
-                )
+            grace = result.reason == "restart grace"
             if task is None:
-                raise ThrottleTimeout(f"throttle {group}: no slot within {wait}s: {why}")
+                message = f"throttle {group}: no free slot of {self.concurrency} within {wait}s"
+                raise ThrottleTimeout(f"{message}: {GRACE_REASON}" if grace else message)
+            why = GRACE_REASON if grace else f"all {self.concurrency} slots busy"
             raise self._requeue(task, f"throttle {group}: {why}", ThrottleTimeout)
         lease = Lease(
             backend=backend,
