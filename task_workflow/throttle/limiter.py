@@ -267,13 +267,12 @@ class throttle:  # noqa: N801 - used like a function: ``with throttle(...)``, ``
 
     @staticmethod
     def _give_back(backend: ThrottleBackend, group: SlotGroup, token: str, ttl: float) -> None:
+        # Released unconditionally: the acquire that failed may have been granted. No
+        # slot_released signal: no slot_acquired was sent for it. A store that failed the
+        # withdrawal is not asked again here (one more socket timeout before the task is
+        # re-queued): the lease renewer sends the release.
         try:
             backend.cancel_wait(group, token)
-        except Exception:
-            logger.debug("Throttle %s: could not withdraw an interrupted waiter", group, exc_info=True)
-        # Released unconditionally: the acquire that failed may have been granted. No
-        # slot_released signal: no slot_acquired was sent for it.
-        try:
             backend.release(group, token)
         except Exception as exc:
             logger.warning("Throttle %s: could not give back an interrupted grant (%s); retrying", group, exc)
