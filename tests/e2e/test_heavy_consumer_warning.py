@@ -19,7 +19,7 @@ from django.core.cache import caches
 from task_workflow.conf import get_setting
 from task_workflow.queue_consumers import consumer_key
 from tests.waiting import wait_until
-from tests.workers import HANG_TIMEOUT, WorkerProcess, start_workers, stop_workers
+from tests.workers import HANG_TIMEOUT, WorkerProcess, stop_workers
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
@@ -88,10 +88,15 @@ def test_a_worker_without_a_heavy_consumer_warns_once_naming_tasks_queue_and_com
 
 def test_no_warning_when_a_worker_consumes_the_heavy_queue(celery_app, worker_env, no_heavy_consumer_seen):
     heavy_queue = get_setting("HEAVY_QUEUE")
-    heavy, default = start_workers(
-        worker(celery_app, worker_env, "heavy-consumer", (heavy_queue,)),
-        worker(celery_app, worker_env, "with-heavy-consumer", ("mistakes-default",)),
-    )
+    # The heavy worker first: it records its queues when it is ready. Started side by side,
+    # a loaded machine (CI, beside two matrix sessions) once readied it 1.05 s after the
+    # other worker, whose 1 s grace had just ended: the warning was right.
+    heavy = worker(celery_app, worker_env, "heavy-consumer", (heavy_queue,)).start()
+    try:
+        default = worker(celery_app, worker_env, "with-heavy-consumer", ("mistakes-default",)).start()
+    except BaseException:
+        heavy.stop()
+        raise
     try:
         lines = wait_for_line(default, f"The heavy queue {heavy_queue!r} has a consumer")
         heavy_lines = log_lines(heavy)
