@@ -455,22 +455,36 @@ class SentinelTopology:
         and its offset caught up with the primary's."""
         _wait(self._in_sync, timeout, "replicas in sync with the primary", self.describe)
 
-    def _sentinels_agree(self) -> bool:
-        """Every responsive Sentinel names ``primary`` as the master (not down), lists
-        every responsive replica (not down) and knows every other Sentinel."""
-        expected_replicas = {node.address for node in self.replicas if node.responsive()}
+    def _ask_sentinels(self, question: Callable[[redis.Redis], T]) -> list[T | None]:
+        """``question``'s answer from each responsive Sentinel (``None`` where it failed)."""
+        answers: list[T | None] = []
         for sentinel in self.sentinels:
             if not sentinel.responsive():
                 continue
             client = sentinel.client()
             try:
-                # execute_command: redis-py 6.4 (the floor) breaks sentinel_master() on a plain client
-                master = cast(dict[str, Any], client.execute_command("SENTINEL MASTER", self.service))
-                listed = client.sentinel_slaves(self.service)
+                answers.append(question(client))
             except redis.exceptions.RedisError:
-                return False
+                answers.append(None)
             finally:
                 client.close()
+        return answers
+
+    def _sentinel_master(self, client: redis.Redis) -> dict[str, Any]:
+        # execute_command: redis-py 6.4 (the floor) breaks sentinel_master() on a plain client
+        return cast(dict[str, Any], client.execute_command("SENTINEL MASTER", self.service))
+
+    def _sentinels_agree(self) -> bool:
+        """Every responsive Sentinel names ``primary`` as the master (not down), lists
+        every responsive replica (not down) and knows every other Sentinel."""
+        expected_replicas = {node.address for node in self.replicas if node.responsive()}
+        views = self._ask_sentinels(
+            lambda client: (self._sentinel_master(client), client.sentinel_slaves(self.service))
+        )
+        for view in views:
+            if view is None:
+                return False
+            master, listed = view
             if (master["ip"], int(master["port"])) != self._primary.address:
                 return False
             if master.get("is_sdown") or master.get("is_odown") or master.get("is_failover_in_progress"):
@@ -493,39 +507,21 @@ class SentinelTopology:
 
     def _reported_primaries(self) -> list[tuple[str, int]]:
         """The master address each responsive Sentinel reports."""
-        reported = []
-        for sentinel in self.sentinels:
-            if not sentinel.responsive():
-                continue
-            client = sentinel.client()
-            try:
-                address = cast(Any, client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service))
-            except redis.exceptions.RedisError:
-                continue
-            finally:
-                client.close()
-            if address:
-                reported.append((str(address[0]), int(address[1])))
-        return reported
+        answers = self._ask_sentinels(
+            lambda client: cast(Any, client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self.service))
+        )
+        return [(str(address[0]), int(address[1])) for address in answers if address]
 
     def sentinel_master_addresses(self) -> list[tuple[str, int]]:
         """The master's address in each responsive Sentinel's ``SENTINEL MASTER`` reply:
         what redis-py's ``Sentinel.discover_master`` reads. During a failover it is still
         the old primary's until the Sentinel switched (``+switch-master``), whereas
         ``GET-MASTER-ADDR-BY-NAME`` already names the replica being promoted."""
-        addresses = []
-        for sentinel in self.sentinels:
-            if not sentinel.responsive():
-                continue
-            client = sentinel.client()
-            try:
-                master = cast(dict[str, Any], client.execute_command("SENTINEL MASTER", self.service))
-            except redis.exceptions.RedisError:
-                continue
-            finally:
-                client.close()
-            addresses.append((str(master["ip"]), int(master["port"])))
-        return addresses
+        return [
+            (str(master["ip"]), int(master["port"]))
+            for master in self._ask_sentinels(self._sentinel_master)
+            if master is not None
+        ]
 
     def current_primary(self) -> RedisNode:
         """The data node the first Sentinel that answers names as the primary."""
