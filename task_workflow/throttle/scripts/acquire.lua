@@ -74,7 +74,11 @@ if fence then
 end
 -- Refused: join the line at the back on the first refusal; stay in place after that.
 if not place then
-  local number = next_number()
+  -- Inside the grace the number was refused just now: no second INFO for the same answer.
+  local number = nil
+  if grace_left == 0 then
+    number = next_number()
+  end
   if info_refused then
     return info_refused_reply()
   end
